@@ -162,6 +162,6 @@ def grpo_loss(
             "clip_high_fraction": clipped_high.sum() / num_loss_tokens,
             "ratio_mean": (ratio * token_weight).sum() / num_loss_tokens,
             "kl_mean": kl_sum / num_loss_tokens,
-            "advantage_abs_mean": advantages.detach().abs().sum() / max(num_seqs, 1),
+            "advantage_abs_mean": at_least_fp32(advantages.detach()).abs().sum() / max(num_seqs, 1),
         }
     return loss, {name: value.detach().float() for name, value in stats.items()}
