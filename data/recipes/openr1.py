@@ -1,0 +1,198 @@
+"""REDI's data recipe: OpenR1-Math-Raw rows -> SFT positives and (chosen, rejected) preference pairs.
+
+    python -m data.recipes.openr1 --input OpenR1-Math-Raw/data --out data_out/openr1   # Parquet or JSONL
+
+A row is one problem with several DeepSeek-R1 generations and, per generation, the verdict of each verifier
+under `correctness` (`llama_verification`, `math_verify_answer`, `math_verify_reparsed_answer`). REDI's
+preprocessing (Tim-Siu/reinforcement-distillation, experiments_trl/data_preprocess/clean_base_data.py and
+clean_base_shuffled_dpo.py), which `select` reproduces:
+  1. keep a row only if `problem_is_valid` is "Yes" (any case, spaces ignored) and `source` is not "cn_k12";
+  2. a generation is correct when every verifier says so, by default the Llama judge AND math-verify on the
+     re-parsed answer ("LandMV"); a verifier list that is missing or not one value per generation drops
+     the row;
+  3. positive = the first correct generation; pair = (first correct, first incorrect) of the same problem.
+REDI reports 77,629 positives and 53,175 pairs from the full dataset. One deliberate difference: a verdict
+that is missing (null) leaves its generation unverified, so it is neither chosen nor rejected (REDI's
+`bool(None)` made it incorrect, hence a possible rejected). Rows keep their input order (REDI shuffled the
+pairs with seed 42 first; shuffle at training time instead).
+
+Writes, in --out: sft.jsonl {"id", "messages": [user problem, assistant generation]},
+pairs.jsonl {"id", "prompt", "chosen", "rejected"} (the formats data/datasets.py reads) and stats.json, the
+counts of what was kept and why the rest was not. The synthetic task (data/synthetic.py) selects its positives
+and pairs with the same `select`.
+"""
+
+import argparse
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+REDI_VERIFIERS = ("llama_verification", "math_verify_reparsed_answer")
+EXCLUDED_SOURCES = ("cn_k12",)
+_COLUMNS = ("uuid", "problem", "problem_is_valid", "source", "generations", "correctness")
+
+
+def select_chosen_rejected(verdicts: Sequence[bool | None]) -> tuple[int | None, int | None]:
+    """(index of the first correct generation, index of the first incorrect one), None where there is none.
+    A None verdict (unverified) is neither."""
+    chosen = next((i for i, v in enumerate(verdicts) if v is True), None)
+    rejected = next((i for i, v in enumerate(verdicts) if v is False), None)
+    return chosen, rejected
+
+
+def generation_verdicts(row: dict, verifiers: Sequence[str]) -> list[bool | None] | None:
+    """Per generation: True when every verifier says correct, False when one says incorrect and none is
+    missing, None (unverified) otherwise; None for the whole row when a verifier's list is absent or of the
+    wrong length. A verifier is looked up in `correctness` (OpenR1-Math-Raw), else as a column of its own."""
+    correctness = row.get("correctness") if isinstance(row.get("correctness"), dict) else {}
+    per_verifier = []
+    for name in verifiers:
+        values = correctness[name] if name in correctness else row.get(name)
+        if not isinstance(values, (list, tuple)) or len(values) != len(row["generations"]):
+            return None
+        per_verifier.append([v if isinstance(v, bool) else None for v in values])
+    return [None if None in votes else all(votes) for votes in zip(*per_verifier, strict=True)]
+
+
+def select(
+    row: dict,
+    counts: Counter,
+    *,
+    verifiers: Sequence[str] = REDI_VERIFIERS,
+    excluded_sources: Sequence[str] = EXCLUDED_SOURCES,
+    row_id: str | None = None,
+) -> tuple[dict | None, dict | None]:
+    """One row -> (SFT record or None, pair record or None); `counts` tallies rows and why they drop out.
+    The records' id is the row's `uuid`, else `row_id`."""
+    counts["rows"] += 1
+    valid = row.get("problem_is_valid")
+    if not (isinstance(valid, str) and valid.strip().lower() == "yes"):
+        counts["skipped_invalid_problem"] += 1
+        return None, None
+    if row.get("source") in excluded_sources:
+        counts["skipped_excluded_source"] += 1
+        return None, None
+    problem, generations = row.get("problem"), row.get("generations")
+    if not isinstance(problem, str) or not problem.strip():
+        counts["skipped_no_problem"] += 1
+        return None, None
+    if not generations or not all(isinstance(g, str) for g in generations):
+        counts["skipped_no_generations"] += 1
+        return None, None
+    verdicts = generation_verdicts(row, verifiers)
+    if verdicts is None:
+        counts["skipped_verifier_missing"] += 1
+        return None, None
+    counts["generations"] += len(generations)
+    counts["generations_correct"] += verdicts.count(True)
+    counts["generations_incorrect"] += verdicts.count(False)
+    counts["generations_unverified"] += verdicts.count(None)
+    chosen, rejected = select_chosen_rejected(verdicts)
+    if chosen is None:
+        counts["no_correct_generation"] += 1
+        return None, None
+    id_ = str(row["uuid"]) if row.get("uuid") is not None else row_id
+    messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": generations[chosen]}]
+    counts["positives"] += 1
+    if rejected is None:
+        counts["no_incorrect_generation"] += 1
+        return {"id": id_, "messages": messages}, None
+    counts["pairs"] += 1
+    pair = {"id": id_, "prompt": problem, "chosen": generations[chosen], "rejected": generations[rejected]}
+    return {"id": id_, "messages": messages}, pair
+
+
+def read_rows(path: str | os.PathLike, columns: Iterable[str] = ()) -> Iterator[dict]:
+    """The rows of a .parquet or .jsonl file, or of every such file under a directory (sorted by name).
+    From Parquet only `columns` are read (all when empty): the unused columns of a big copy stay on disk."""
+    path = Path(path)
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .parquet or .jsonl files in it")
+    for file in files:
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            parquet = pq.ParquetFile(file)
+            names = [c for c in parquet.schema_arrow.names if c in set(columns)] or None
+            for batch in parquet.iter_batches(batch_size=64, columns=names):
+                yield from batch.to_pylist()
+        elif file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as f:
+                for line_number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{file}:{line_number}: not valid JSON ({e})") from None
+        else:
+            raise ValueError(f"{file}: expected a .parquet or .jsonl file")
+
+
+def build(
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    verifiers: Sequence[str] = REDI_VERIFIERS,
+    excluded_sources: Sequence[str] = EXCLUDED_SOURCES,
+) -> dict:
+    """Write sft.jsonl, pairs.jsonl and stats.json for the rows under `input_path`; return the counts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = Counter()
+    parts = {name: out / f"{name}.jsonl.part" for name in ("sft", "pairs")}  # renamed once complete
+    sft_f, pair_f = (open(part, "w", encoding="utf-8") for part in parts.values())
+    with sft_f, pair_f:
+        for index, row in enumerate(read_rows(input_path, columns=(*_COLUMNS, *verifiers))):
+            positive, pair = select(
+                row, counts, verifiers=verifiers, excluded_sources=excluded_sources, row_id=str(index)
+            )
+            if positive is not None:
+                sft_f.write(json.dumps(positive, ensure_ascii=False) + "\n")
+            if pair is not None:
+                pair_f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    for name, part in parts.items():
+        os.replace(part, out / f"{name}.jsonl")
+    stats = {
+        "input": str(input_path),
+        "verifiers": list(verifiers),
+        "excluded_sources": list(excluded_sources),
+        "counts": dict(sorted(counts.items())),
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats["counts"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--input", required=True, help="an OpenR1-Math-Raw .parquet or .jsonl file, or a directory of them"
+    )
+    parser.add_argument("--out", required=True, help="directory for sft.jsonl, pairs.jsonl and stats.json")
+    parser.add_argument(
+        "--verifiers",
+        default=",".join(REDI_VERIFIERS),
+        help="comma-separated verifier fields that must all say correct (default: REDI's two)",
+    )
+    parser.add_argument(
+        "--exclude-sources",
+        default=",".join(EXCLUDED_SOURCES),
+        help="comma-separated `source` values to drop (default: cn_k12, as REDI); '' keeps every source",
+    )
+    args = parser.parse_args(argv)
+    counts = build(
+        args.input,
+        args.out,
+        verifiers=tuple(v for v in args.verifiers.split(",") if v),
+        excluded_sources=tuple(s for s in args.exclude_sources.split(",") if s),
+    )
+    print(json.dumps(counts, indent=2))
+
+
+if __name__ == "__main__":
+    main()
