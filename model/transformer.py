@@ -12,6 +12,10 @@ LongRoPE (model/rope.py).
 
 Input is packed, flat tokens [T] with cu_seqlens [D+1] (positions restart per document, no token attends
 across documents), or a [B, T] batch of full sequences (positions 0..T-1).
+
+One deliberate difference from transformers: the embedding has no padding_idx (packed batches hold no
+padding). transformers' only effect of it is a zero gradient for the pad token's row, which for Phi-4-mini
+(pad = eos = 199999) would freeze the end-of-text embedding.
 """
 
 from __future__ import annotations
