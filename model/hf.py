@@ -135,6 +135,10 @@ def load_hf_weights(
     path = Path(path)
     config: ModelConfig = model.config
     params = dict(model.named_parameters())
+    on_meta = [name for name, p in params.items() if p.is_meta]
+    if on_meta:
+        raise ValueError(f"parameters on the meta device ({on_meta[0]}, ...): allocate them first, "
+                         "e.g. model.to_empty(device=...)")
     expected: dict[str, tuple[str, Piece, tuple[int, ...]]] = {}  # hf name -> (our name, piece, shape)
     for name, param in params.items():
         for piece in hf_pieces(name, tuple(param.shape), config):
@@ -200,8 +204,8 @@ def save_hf(
     state_dict: our names, full (unsharded) tensors; gather an FSDP2 model first, e.g. with
     torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
     full_state_dict=True, cpu_offload=True)). Shards are filled in order up to max_shard_size and written one
-    at a time, so memory beyond the state dict is one shard. Old model*.safetensors files in `path` are
-    removed first.
+    at a time, so memory beyond the state dict is one shard. An older checkpoint's model.safetensors,
+    model-*-of-*.safetensors and index in `path` are removed first.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,7 @@ def save_hf(
         shards[-1].append(entry)
         shard_bytes += entry[2]
 
-    for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+    for old in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
         old.unlink(missing_ok=True)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):

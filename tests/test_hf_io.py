@@ -187,11 +187,14 @@ def test_dtype_and_device_arguments(tmp_path):
         torch.testing.assert_close(hidden.float(), full(tokens, cu_seqlens), rtol=0.05, atol=0.1)
 
 
-def test_meta_construction_then_init_weights():
+def test_meta_construction_then_init_weights(tmp_path):
     config = CONFIGS["qwen2-untied"]
     with torch.device("meta"):
         model = Transformer(config)
     assert all(p.is_meta for p in model.parameters())
+    random_model(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="meta device"):
+        load_hf_weights(model, tmp_path)  # copying into meta tensors would silently do nothing
     model.to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(0))
     again = Transformer(config)
