@@ -169,7 +169,8 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m data.recipes.openr1", description=description)
     parser.add_argument(
         "--input", required=True, help="an OpenR1-Math-Raw .parquet or .jsonl file, or a directory of them"
     )
