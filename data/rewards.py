@@ -30,6 +30,7 @@ are memoised (LRU), so the repeated answers of RL sampling are cheap; a timed-ou
 """
 
 import json
+import logging
 import math
 import os
 import re
@@ -45,6 +46,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException  # a BaseException: `except Exception` does not catch it
 
 TIMEOUT_S = 5  # seconds per math-verify stage (signal.alarm takes whole seconds)
+logger = logging.getLogger(__name__)
 
 _EXTRACTION = [LatexExtractionConfig(boxed_match_priority=0)]
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -182,6 +184,7 @@ class _VerifierProcess:
         )
         if self._read_line(_STARTUP_LIMIT_S) != b"ready":
             self.close()
+            logger.warning("math_reward: the math-verify helper process did not start; scoring 0.0")
             raise RuntimeError("math-verify helper process did not start")
 
     def alive(self) -> bool:
@@ -191,6 +194,7 @@ class _VerifierProcess:
         self.process.stdin.write((json.dumps([answer, list(golds), timeout_s]) + "\n").encode())
         reply = self._read_line(timeout_s * (1 + 5 * len(golds)) + 1.0)
         if reply is None:  # overran math-verify's own limits (stuck outside Python code): give up on it
+            logger.warning("math_reward: the math-verify helper overran its time limit; killed, scoring 0.0")
             self.close()
             return 0.0
         return 1.0 if reply == b"1" else 0.0

@@ -128,6 +128,20 @@ def test_huge_completion_is_fast():
     assert time.monotonic() - start < 5
 
 
+def test_integer_shortcut_agrees_with_math_verify():
+    rng = random.Random(0)
+    cases = [("007", ("7",)), ("-0", ("0",)), ("0", ("-0",)), ("-7", ("7",)), ("$12$", ("12",)),
+             ("123456789123456789", ("123456789123456789",)), ("10", ("010", "3")), ("10", ("3", "4"))]
+    for _ in range(200):
+        a = rng.randint(-2000, 2000)
+        cases.append((str(a), (str(a + rng.choice([0, 0, 1, -10, 10, 2 * a])),)))
+    for answer, golds in cases:
+        shortcut = rewards._integer_verdict(answer, golds)
+        assert shortcut is not None and shortcut == rewards._equivalent(answer, golds, 5), (answer, golds)
+    assert rewards._integer_verdict("1.0", ("1",)) is None  # anything else goes to math-verify
+    assert rewards._integer_verdict("1", ("1", "x")) is None
+
+
 # --- time limits -----------------------------------------------------------------------------------------
 
 def test_timeout_in_main_thread():
@@ -147,22 +161,23 @@ def test_worker_thread_is_verified_and_time_limited():
     (verdicts, seconds), _ = in_thread(scenario)
     assert verdicts == [1.0, 0.0, 0.0]
     assert 0.9 < seconds < 1 * (1 + 5 * 1) + 1.0, seconds  # ran into math-verify's limit, in the helper
-    completions = [f"\\boxed{{{i}}}" for i in range(20)]
+    completions = [f"\\boxed{{\\frac{{{i}}}{{2}}}}" for i in range(20)]  # not plain integers: math-verify
     with ThreadPoolExecutor(max_workers=2) as pool:
-        from_threads = list(pool.map(math_reward, completions, ["7"] * 20))
-    assert from_threads == [math_reward(c, "7") for c in completions] == [float(i == 7) for i in range(20)]
+        from_threads = list(pool.map(math_reward, completions, ["3.5"] * 20))
+    assert from_threads == [math_reward(c, "3.5") for c in completions] == [float(i == 7) for i in range(20)]
 
 
 def test_stuck_helper_process_is_killed_and_replaced():
     def scenario():
-        assert math_reward("\\boxed{1}", "1") == 1.0  # starts this thread's helper
+        assert math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0  # starts this thread's helper
         helper = rewards._thread_local.verifier
         os.kill(helper.process.pid, signal.SIGSTOP)  # a helper that never answers
         start = time.monotonic()
         verdict = math_reward(SLOW["stuck"], "5", timeout_s=1)
         waited = time.monotonic() - start
         assert not helper.alive()
-        return verdict, waited, math_reward("\\boxed{2}", "2"), rewards._thread_local.verifier is not helper
+        after = math_reward("\\boxed{\\frac{3}{2}}", "1.5")
+        return verdict, waited, after, rewards._thread_local.verifier is not helper
 
     (verdict, waited, after, replaced), _ = in_thread(scenario)
     assert verdict == 0.0 and waited < 1 * (1 + 5 * 1) + 1.0 + 1.0, waited
