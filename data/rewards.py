@@ -6,7 +6,7 @@
                       a <think> left open (no </think> after it) is a truncated answer: 0.0
     parse / verify are math-verify's (HF Math-Verify), so "0.5", "\\frac{1}{2}" and "1/2" are the same answer.
 
-Rules (the answer-after-</think>, last-boxed convention of the rllm / DeepScaleR reward in REDI's repository):
+Rules (the convention of R1-style evaluations: the answer follows </think>, and it is the last \\boxed{}):
 - Only a boxed answer counts. There is no fallback to math-verify's own extraction of unboxed text
   ("the answer is 5", which Open-R1's lighteval metric also accepts): no balanced \\boxed{} after the
   thinking scores 0.0.
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 _EXTRACTION = [LatexExtractionConfig(boxed_match_priority=0)]
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-_INTEGER = re.compile(r"(-?)0*(\d+)")
+_INTEGER = re.compile(r"(-?)0*([0-9]+)")
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
