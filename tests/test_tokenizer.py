@@ -34,9 +34,10 @@ def make_tiny_tokenizer(directory: Path, *, eos: str = "<|im_end|>", template: s
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
-                                  special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+    )
     backend.train_from_iterator(CORPUS * 4, trainer)
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
     directory.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,8 @@ def spans(tok: Tokenizer, ids: list[int], mask: list[bool]) -> list[str]:
 
 
 LATEX = "Find $\\int_0^1 x^2\\,dx$ and $\\frac{a}{b}$ where a≥b — café, 数学, ü, 🙂."
-TRACE = "<think>\nWe have $\\int_0^1 x^2 dx = \\frac{1}{3}$ (数学).\n</think>\n\nThe answer is $\\boxed{\\frac{1}{3}}$."
+TRACE = ("<think>\nWe have $\\int_0^1 x^2 dx = \\frac{1}{3}$ (数学).\n</think>\n\n"
+         "The answer is $\\boxed{\\frac{1}{3}}$.")
 SINGLE = [{"role": "user", "content": LATEX}, {"role": "assistant", "content": TRACE}]
 MULTI = [
     {"role": "system", "content": "You are a careful mathematician. Réponds en français."},
@@ -106,14 +108,11 @@ def test_qwen3_template_parity(qwen3, qwen3_hf, name):
         for end in range(1, len(messages) + 1):
             for generation_prompt in (False, True):
                 chat = messages[:end]
-                ours = qwen3.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=False,
-                                                 **kwargs)
-                theirs = qwen3_hf.apply_chat_template(chat, add_generation_prompt=generation_prompt,
-                                                      tokenize=False, **kwargs)
-                assert ours == theirs, (name, kwargs, end, generation_prompt)
-                ours = qwen3.apply_chat_template(chat, add_generation_prompt=generation_prompt, **kwargs)
-                theirs = qwen3_hf.apply_chat_template(chat, add_generation_prompt=generation_prompt, **kwargs)
-                assert ours == theirs["input_ids"], (name, kwargs, end, generation_prompt)
+                options = dict(add_generation_prompt=generation_prompt, **kwargs)
+                ours = qwen3.apply_chat_template(chat, tokenize=False, **options)
+                assert ours == qwen3_hf.apply_chat_template(chat, tokenize=False, **options), (options, end)
+                ours = qwen3.apply_chat_template(chat, **options)
+                assert ours == qwen3_hf.apply_chat_template(chat, **options)["input_ids"], (options, end)
 
 
 def test_qwen3_encode_decode_and_ids(qwen3, qwen3_hf):
@@ -161,7 +160,7 @@ def test_qwen3_think_prefix(qwen3):
     assert ids[:first] == prompt and qwen3.decode(prompt).endswith("<|im_start|>assistant\n<think>\n")
     assert spans(qwen3, ids, mask) == [TRACE.removeprefix("<think>\n") + "<|im_end|>"]
     assert ids == qwen3.encode_chat(SINGLE)[0]  # the trace already opened with "<think>\n": nothing inserted
-    # multi-turn: each assistant turn opens with the prefix, the earlier one (reasoning dropped) gets it inserted
+    # multi-turn: each assistant turn opens with the prefix; the earlier one (reasoning dropped) gets it
     ids, mask = qwen3.encode_chat(MULTI, think_prefix=True)
     assert spans(qwen3, ids, mask) == ["It is 4.<|im_end|>", TRACE.removeprefix("<think>\n") + "<|im_end|>"]
     assert qwen3.decode(ids).count("<|im_start|>assistant\n<think>\n") == 2
@@ -189,8 +188,8 @@ def test_tiny_think_prefix_inserted_or_normalised(tiny):
         ids, mask = tiny.encode_chat(chat, think_prefix=True)
         assert spans(tiny, ids, mask) == [completion + "<|im_end|>"]
         assert ids[:mask.index(True)] == tiny.encode_prompt(chat[:1], think_prefix=True)
-        assert tiny.decode(ids) == f"<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n{completion}" \
-                                   "<|im_end|>\n"
+        assert tiny.decode(ids) == \
+            f"<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n{completion}<|im_end|>\n"
 
 
 def test_errors_name_the_message(tiny, tmp_path):
@@ -217,12 +216,13 @@ def test_errors_name_the_message(tiny, tmp_path):
 
 
 def test_template_environment_and_sources(tmp_path):
-    """chat_template.jinja wins over tokenizer_config.json; tojson keeps non-ASCII; strftime_now, loop controls
-    and {% generation %} work; an eos other than the end-of-turn token makes both stop ids."""
-    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
-                "{{ m | tojson }}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
-                "<|im_end|>{% endif %}{% endfor %}{{ strftime_now('%Y')[:0] }}")
-    tok = Tokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "t", eos="<|endoftext|>", jinja_file=template))
+    """chat_template.jinja wins over tokenizer_config.json; tojson keeps non-ASCII; strftime_now, loop
+    controls and {% generation %} work; an eos other than the end-of-turn token makes both stop ids."""
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m | tojson }}"
+                "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>"
+                "{% endif %}{% endfor %}{{ strftime_now('%Y')[:0] }}")
+    directory = make_tiny_tokenizer(tmp_path / "t", eos="<|endoftext|>", jinja_file=template)
+    tok = Tokenizer.from_pretrained(directory)
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "é"},
             {"role": "assistant", "content": "a"}]
     assert tok.apply_chat_template(chat, tokenize=False) == \
@@ -232,7 +232,8 @@ def test_template_environment_and_sources(tmp_path):
 
 def test_save_and_pickle_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    saved = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    assert saved == ["tokenizer.json", "tokenizer_config.json"]
     for other in (Tokenizer.from_pretrained(tmp_path / "saved"), pickle.loads(pickle.dumps(tiny))):
         assert other.encode_chat(MULTI, think_prefix=True) == tiny.encode_chat(MULTI, think_prefix=True)
         assert (other.eos_id, other.pad_id, other.vocab_size) == (tiny.eos_id, tiny.pad_id, tiny.vocab_size)

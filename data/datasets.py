@@ -1,0 +1,595 @@
+"""Dataset readers: SFT, preference-pair and RL files -> token arrays, tokenized once and cached on disk.
+
+    ds = load_sft("sft.jsonl", tok, max_len=32768, cache_dir="runs/.cache")   # TokenizedDataset, kind "sft"
+    ds = load_pairs("pairs.jsonl", tok, max_len=32768, max_prompt_len=800, truncation="keep_end",
+                    think_prefix=True, cache_dir="runs/.cache", num_workers=8)  # REDI's rules
+    problems = load_rl("rl.jsonl", tok)                             # [RLExample(prompt_ids, problem, answer)]
+
+Files: a .jsonl (one record per line), a .json list of records, a .parquet (one record per row; pyarrow is
+imported only then), a .txt (one text document), or a directory: every such file under it, sorted by path.
+Records:
+  SFT    {"messages": [{"role", "content"}, ...]}                   OpenR1 style; each assistant turn has loss
+         {"prompt": str | messages, "completion": str | messages}   a string prompt is one user message, a
+                                                                    string completion one assistant message
+         {"text": str}, a bare JSON string, a .txt file             mid-training text: every token has loss,
+                                                                    EOS appended
+  pairs  {"prompt": str | messages, "chosen": ..., "rejected": ...} chosen/rejected: a string (one assistant
+         message) or messages; a list that repeats the prompt messages first has them removed; without a
+         prompt, the messages chosen and rejected begin with alike are the prompt
+  RL     {"problem": str, "answer": str | number}                   ("prompt" works for "problem")
+A malformed record is an error naming file, line (JSONL, 1-based) or row/item (Parquet, JSON; 0-based) and
+field; with skip_bad=True it is counted and skipped instead (the first few are logged).
+
+Length rules, in tokens; prompt = the tokens before the first loss token, completion = the rest:
+  max_prompt_len  a longer prompt: the example is dropped (REDI: 800)
+  max_len         prompt + completion longer than this, by `truncation`:
+    "drop"        the example is dropped
+    "keep_end"    the start of the completion is cut: the prompt and the completion's last
+                  max_len - len(prompt) tokens stay, so the answer and EOS survive; never the prompt is cut
+                  (dropped when the prompt alone has max_len tokens or more)
+    "keep_start"  the first max_len tokens stay (the completion's end and EOS are lost)
+A pair is dropped as a unit when either side is dropped; each side is truncated on its own. Text documents
+have no prompt: keep_end keeps their last max_len tokens. The counts (read, kept, skipped_bad,
+dropped_prompt_too_long, dropped_too_long, truncated) are logged and kept in `dataset.stats`.
+
+Cache: <cache_dir>/<kind>-<key>/ holds tokens.npy (int32, every sequence end to end), mask.npy (bool, loss
+tokens), offsets.npy (int64, sequence j = [offsets[j], offsets[j+1]); a pair is sequences 2i (chosen) and
+2i+1 (rejected)), rows.npy (the record each unit came from) and meta.json. key = sha256 of the data files'
+bytes, tokenizer.json, the chat templates, the special tokens and every option that changes the output. It
+is written to a temporary directory and renamed, so a reader never sees half of one; a second load (another
+epoch, a resumed run, another rank) memory-maps it and logs "cache hit", tokenizing nothing.
+Tokenization runs in `num_workers` spawned processes (0: in this one) with a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the tokenized output of the same inputs changes
+TRUNCATIONS = ("drop", "keep_end", "keep_start")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "problem", "answer")
+RULES = ("dropped_prompt_too_long", "dropped_too_long", "truncated")
+CHUNK = 32  # records per task sent to a worker
+SHOWN_BAD = 5  # skipped records whose message is logged
+
+
+class BadRecord(ValueError):
+    """A malformed record; the message names its file, line and field."""
+
+
+class RLExample(NamedTuple):
+    prompt_ids: list[int]
+    problem: str
+    answer: str
+
+
+class RLDataset(list):
+    """RLExample records, with the counts in `stats`."""
+
+    def __init__(self, examples: Iterable[RLExample], stats: dict):
+        super().__init__(examples)
+        self.stats = stats
+
+
+class TokenizedDataset:
+    """Token sequences end to end in numpy arrays (memory-mapped from the cache).
+
+    kind "sft" or "text": unit i is sequence i, ds[i] = (tokens, mask);
+    kind "pairs": unit i is sequences 2i (chosen) and 2i+1 (rejected), ds[i] = ((c_tokens, c_mask),
+    (r_tokens, r_mask)). `lengths[i]` is the tokens of unit i (a pair: chosen + rejected); `docs(i)` the
+    sequences it packs as, in order."""
+
+    def __init__(self, kind: str, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                 stats: dict, pad_id: int):
+        self.kind, self.tokens, self.mask, self.offsets, self.rows = kind, tokens, mask, offsets, rows
+        self.stats, self.pad_id = stats, pad_id
+        sizes = np.diff(offsets)
+        self.lengths = sizes[0::2] + sizes[1::2] if kind == "pairs" else sizes
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sequence(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[j], self.offsets[j + 1]
+        return self.tokens[start:end], self.mask[start:end]
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"unit {i} of a dataset of {len(self)}")
+        i %= len(self)
+        if self.kind == "pairs":
+            return self.sequence(2 * i), self.sequence(2 * i + 1)
+        return self.sequence(i)
+
+    def docs(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The sequences unit i packs as: [sequence] or [chosen, rejected]."""
+        return list(self[i]) if self.kind == "pairs" else [self[i]]
+
+    def save(self, directory: Path) -> None:
+        """Write to `directory` through a temporary directory renamed into place; if another process got there
+        first, theirs stays."""
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            for name in ("tokens", "mask", "offsets", "rows"):
+                np.save(tmp / f"{name}.npy", getattr(self, name))
+            meta = {"version": CACHE_VERSION, "kind": self.kind, "pad_id": self.pad_id, "stats": self.stats}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            try:
+                os.rename(tmp, directory)
+            except OSError:
+                if not (directory / "meta.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: Path) -> TokenizedDataset:
+        meta = json.loads((directory / "meta.json").read_text())
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
+                  for name in ("tokens", "mask", "offsets", "rows")}
+        return cls(meta["kind"], **arrays, stats=meta["stats"], pad_id=meta["pad_id"])
+
+
+@dataclass(frozen=True)
+class LengthRules:
+    """REDI's length rules (see the module docstring)."""
+
+    max_len: int | None = None
+    max_prompt_len: int | None = None
+    truncation: str = "drop"
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation={self.truncation!r}: expected one of {TRUNCATIONS}")
+        for name in ("max_len", "max_prompt_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: expected a positive number of tokens or None")
+
+    def apply(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """(ids, mask, outcome), outcome one of "kept", "truncated", "dropped_prompt_too_long",
+        "dropped_too_long"."""
+        loss = np.flatnonzero(mask)
+        prompt_len = int(loss[0]) if loss.size else len(ids)
+        if self.max_prompt_len is not None and prompt_len > self.max_prompt_len:
+            return ids, mask, "dropped_prompt_too_long"
+        if self.max_len is None or len(ids) <= self.max_len:
+            return ids, mask, "kept"
+        if self.truncation == "drop" or prompt_len >= self.max_len:
+            return ids, mask, "dropped_too_long"
+        if self.truncation == "keep_start":
+            keep = slice(0, self.max_len)
+            return ids[keep], mask[keep], "truncated"
+        cut = len(ids) - self.max_len  # keep_end: the first `cut` completion tokens go
+        keep = np.r_[0:prompt_len, prompt_len + cut:len(ids)]
+        return ids[keep], mask[keep], "truncated"
+
+
+# ---- records: files -> (row number, where, format, payload) -----------------------------------------------
+
+
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """`path` itself, or the data files under a directory, sorted."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no {', '.join(SUFFIXES)} files in it")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: expected a {', '.join(SUFFIXES)} file or a directory of them")
+    return [path]
+
+
+def read_records(files: list[Path]) -> Iterator[tuple[int, str, str, Any]]:
+    """(row number over all files, where, "json" | "value", payload): a JSONL line stays text ("json"), parsed
+    in the worker; other records come parsed ("value")."""
+    row = 0
+    for file in files:
+        if file.suffix == ".jsonl":
+            with open(file, encoding="utf-8") as f:
+                for line_number, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield row, f"{file}:{line_number}", "json", line
+                        row += 1
+        elif file.suffix == ".json":
+            items = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(items, list):
+                raise ValueError(f"{file}: expected a JSON list of records, got {type(items).__name__}")
+            for i, item in enumerate(items):
+                yield row, f"{file}[{i}]", "value", item
+                row += 1
+        elif file.suffix == ".parquet":
+            for i, record in enumerate(_parquet_rows(file)):
+                yield row, f"{file}:row {i}", "value", record
+                row += 1
+        else:  # .txt: one document
+            yield row, str(file), "value", file.read_text(encoding="utf-8")
+            row += 1
+
+
+def _parquet_rows(file: Path) -> Iterator[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{file}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    parquet = pq.ParquetFile(file)
+    columns = [c for c in parquet.schema_arrow.names if c in FIELDS] or None  # others stay on disk
+    for batch in parquet.iter_batches(batch_size=256, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _messages(value, where: str, name: str, string_role: str | None) -> list[dict]:
+    """A message list from field `name`: a list of {"role": str, "content": str}, or (when string_role is
+    given) a string, which becomes one message of that role. None values are dropped, as transformers does."""
+    if isinstance(value, str) and string_role is not None:
+        return [{"role": string_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        expected = ("a string or " if string_role else "") + "a non-empty list of messages"
+        raise BadRecord(f"{where}: field '{name}': expected {expected}, got {_kind(value)}")
+    messages = []
+    for k, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise BadRecord(f"{where}: field '{name}[{k}]': expected a message {{role, content}}, "
+                            f"got {_kind(message)}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise BadRecord(f"{where}: field '{name}[{k}].{key}': expected a string, "
+                                f"got {_kind(message.get(key))}")
+        messages.append({k: v for k, v in message.items() if v is not None})
+    return messages
+
+
+def _require_assistant(messages: list[dict], where: str, name: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(f"{where}: field '{name}': no assistant message (nothing would carry loss)")
+    return messages
+
+
+def sft_example(record, where: str) -> tuple[str, Any]:
+    """("text", str) or ("chat", messages) from an SFT record."""
+    if isinstance(record, str):
+        text = record
+    elif not isinstance(record, dict):
+        raise BadRecord(f"{where}: expected a JSON object or a string, got {_kind(record)}")
+    elif record.get("messages") is not None:
+        messages = _messages(record["messages"], where, "messages", None)
+        return "chat", _require_assistant(messages, where, "messages")
+    elif record.get("prompt") is not None or record.get("completion") is not None:
+        prompt = _messages(record.get("prompt"), where, "prompt", "user")
+        completion = _messages(record.get("completion"), where, "completion", "assistant")
+        return "chat", _require_assistant(prompt + completion, where, "completion")
+    elif "text" in record:
+        text = record["text"]
+        if not isinstance(text, str):
+            raise BadRecord(f"{where}: field 'text': expected a string, got {_kind(text)}")
+    else:
+        raise BadRecord(f"{where}: no 'messages', 'prompt'/'completion' or 'text' field "
+                        f"(keys: {sorted(record)})")
+    if not text:
+        raise BadRecord(f"{where}: field 'text': empty")
+    return "text", text
+
+
+def pair_example(record, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt messages, chosen messages, rejected messages) from a pair record."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"{where}: expected a JSON object, got {_kind(record)}")
+    for name in ("chosen", "rejected"):
+        if record.get(name) is None:
+            raise BadRecord(f"{where}: field '{name}': missing (keys: {sorted(record)})")
+    if record.get("prompt") is None:  # the prompt is what the two conversations begin with alike
+        chosen = _messages(record["chosen"], where, "chosen", None)
+        rejected = _messages(record["rejected"], where, "rejected", None)
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise BadRecord(f"{where}: field 'prompt': missing, and chosen and rejected share no message")
+        prompt, sides = chosen[:shared], {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+    else:
+        prompt = _messages(record["prompt"], where, "prompt", "user")
+        sides = {}
+        for name in ("chosen", "rejected"):
+            side = _messages(record[name], where, name, "assistant")
+            repeats_prompt = side[:len(prompt)] == prompt and len(side) > len(prompt)
+            sides[name] = side[len(prompt):] if repeats_prompt else side
+    for name, side in sides.items():
+        _require_assistant(side, where, name)
+    return prompt, sides["chosen"], sides["rejected"]
+
+
+def rl_example(record, where: str, tok: Tokenizer, prompt_template: str, think_prefix: bool,
+               template_kwargs: dict) -> RLExample:
+    if not isinstance(record, dict):
+        raise BadRecord(f"{where}: expected a JSON object, got {_kind(record)}")
+    name = "problem" if record.get("problem") is not None else "prompt"
+    value = record.get(name)
+    if isinstance(value, str):
+        problem, messages = value, [{"role": "user", "content": prompt_template.replace("{problem}", value)}]
+    elif isinstance(value, list):
+        messages = _messages(value, where, name, None)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        problem = users[-1] if users else messages[-1]["content"]
+    else:
+        raise BadRecord(f"{where}: field 'problem': expected a string, got {_kind(value)} (keys: "
+                        f"{sorted(record)})")
+    answer = record.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+        raise BadRecord(f"{where}: field 'answer': expected a non-empty string or number, got {answer!r}")
+    ids = _template_call(where, tok.encode_prompt, messages, think_prefix=think_prefix, **template_kwargs)
+    return RLExample(ids, problem, str(answer))
+
+
+def _template_call(where: str, fn, *args, **kwargs):
+    """fn(...) with a template or span error turned into a BadRecord naming the record."""
+    import jinja2
+
+    try:
+        return fn(*args, **kwargs)
+    except jinja2.TemplateError as e:
+        raise BadRecord(f"{where}: the chat template refused it: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise BadRecord(f"{where}: {e}") from None
+
+
+# ---- tokenization: records -> sequences (in worker processes) ---------------------------------------------
+
+
+@dataclass
+class TokenizeJob:
+    """What a worker needs: the tokenizer, the record kind ("sft" | "pairs") and the options."""
+
+    tok: Tokenizer
+    kind: str
+    rules: LengthRules
+    think_prefix: bool = False
+    template_kwargs: dict = field(default_factory=dict)
+
+    def run(self, chunk: list[tuple[int, str, str, Any]]) -> list[tuple]:
+        """Per record: ("bad", message), (outcome, row) for a drop, or (outcome, row, is_text, sequences)
+        with sequences [(ids int32, mask bool), ...] (one, or chosen and rejected)."""
+        out = []
+        for row, where, form, payload in chunk:
+            try:
+                record = _parse_json(payload, where) if form == "json" else payload
+                out.append(self.one(row, where, record))
+            except BadRecord as e:
+                out.append(("bad", str(e)))
+        return out
+
+    def one(self, row: int, where: str, record) -> tuple:
+        if self.kind == "sft":
+            form, example = sft_example(record, where)
+            ids, mask, outcome = self.rules.apply(*self.tokenize(where, example))
+            if outcome.startswith("dropped"):
+                return outcome, row
+            return outcome, row, form == "text", [(ids, mask)]
+        prompt, chosen, rejected = pair_example(record, where)
+        sides = [self.rules.apply(*self.tokenize(where, prompt + side)) for side in (chosen, rejected)]
+        outcomes = [outcome for _, _, outcome in sides]
+        outcome = next((rule for rule in RULES if rule in outcomes), "kept")  # the first rule a side broke
+        if outcome.startswith("dropped"):
+            return outcome, row
+        return outcome, row, False, [(ids, mask) for ids, mask, _ in sides]
+
+    def tokenize(self, where: str, example: str | list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of a text (every token has loss, EOS appended) or of a conversation."""
+        if isinstance(example, str):
+            ids = [*self.tok.encode(example), self.tok.eos_id]
+            return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
+        ids, mask = _template_call(where, self.tok.encode_chat, example, think_prefix=self.think_prefix,
+                                   **self.template_kwargs)
+        return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
+
+
+def _parse_json(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+_worker_job: TokenizeJob | None = None
+
+
+def _init_worker(job: TokenizeJob) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _run_chunk(chunk: list) -> list[tuple]:
+    return _worker_job.run(chunk)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, n)):
+        yield batch
+
+
+def tokenize_records(job: TokenizeJob, records: Iterable, num_workers: int, desc: str) -> Iterator[tuple]:
+    """job.run over the records in order, in `num_workers` spawned processes (0: here), with a progress bar.
+    At most 4 chunks per worker are in flight, so a big file is never all in memory."""
+    bar = tqdm(desc=desc, unit=" records", disable=None, dynamic_ncols=True)
+    with bar:
+        if num_workers <= 0:
+            for chunk in _batched(records, CHUNK):
+                yield from job.run(chunk)
+                bar.update(len(chunk))
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(num_workers, initializer=_init_worker, initargs=(job,)) as pool:
+            for window in _batched(_batched(records, CHUNK), 4 * num_workers):
+                for results in pool.imap(_run_chunk, window):
+                    yield from results
+                    bar.update(len(results))
+
+
+# ---- the loaders ------------------------------------------------------------------------------------------
+
+
+def load_sft(path: str | os.PathLike, tok: Tokenizer, *, max_len: int | None = None,
+             max_prompt_len: int | None = None, truncation: str = "drop", think_prefix: bool = False,
+             skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+             template_kwargs: dict | None = None) -> TokenizedDataset:
+    """SFT examples (chat or text) as a TokenizedDataset of kind "sft" ("text" when every record is text)."""
+    return _load("sft", path, tok, LengthRules(max_len, max_prompt_len, truncation), think_prefix, skip_bad,
+                 cache_dir, num_workers, template_kwargs or {})
+
+
+def load_pairs(path: str | os.PathLike, tok: Tokenizer, *, max_len: int | None = None,
+               max_prompt_len: int | None = None, truncation: str = "drop", think_prefix: bool = False,
+               skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+               template_kwargs: dict | None = None) -> TokenizedDataset:
+    """(chosen, rejected) pairs sharing their prompt as a TokenizedDataset of kind "pairs"."""
+    return _load("pairs", path, tok, LengthRules(max_len, max_prompt_len, truncation), think_prefix, skip_bad,
+                 cache_dir, num_workers, template_kwargs or {})
+
+
+def load_rl(path: str | os.PathLike, tok: Tokenizer, *, max_prompt_len: int | None = None,
+            think_prefix: bool = False, skip_bad: bool = False, prompt_template: str = "{problem}",
+            template_kwargs: dict | None = None) -> RLDataset:
+    """RL problems: RLExample(prompt_ids, problem, answer), prompt_ids = tok.encode_prompt of one user
+    message, prompt_template with "{problem}" replaced by the problem (a message-list prompt is used as is).
+    Prompts longer than max_prompt_len are dropped. Prompts are short: no cache, no workers."""
+    files, counts, bad, examples = data_files(path), Counter(), [], []
+    for _, where, form, payload in read_records(files):
+        counts["read"] += 1
+        try:
+            record = _parse_json(payload, where) if form == "json" else payload
+            example = rl_example(record, where, tok, prompt_template, think_prefix, template_kwargs or {})
+        except BadRecord as e:
+            _bad_record(e, skip_bad, counts, bad)
+            continue
+        if max_prompt_len is not None and len(example.prompt_ids) > max_prompt_len:
+            counts["dropped_prompt_too_long"] += 1
+            continue
+        examples.append(example)
+    stats = _stats(files, counts, bad, kept=len(examples))
+    _log_stats("rl", path, stats)
+    if not examples:
+        raise ValueError(f"{path}: no problems left ({_summary(stats)})")
+    return RLDataset(examples, stats)
+
+
+def _bad_record(error: BadRecord, skip_bad: bool, counts: Counter, bad: list[str]) -> None:
+    if not skip_bad:
+        raise BadRecord(f"{error} (skip_bad / --skip-bad skips and counts such records)") from None
+    counts["skipped_bad"] += 1
+    if len(bad) < SHOWN_BAD:
+        bad.append(str(error))
+        log.warning("skipped: %s", error)
+
+
+def _stats(files: list[Path], counts: Counter, bad: list[str], kept: int) -> dict:
+    stats = {"files": [str(f) for f in files], "read": counts["read"], "kept": kept,
+             "skipped_bad": counts["skipped_bad"], **{rule: counts[rule] for rule in RULES}}
+    return {**stats, "bad_examples": bad} if bad else stats
+
+
+def _summary(stats: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int))
+
+
+def _log_stats(kind: str, path, stats: dict) -> None:
+    log.info("%s %s: %s", kind, path, _summary(stats))
+
+
+def cache_key(kind: str, files: list[Path], tok: Tokenizer, options: dict) -> str:
+    """sha256 of everything the tokenized output depends on: the data files' bytes (and format), the
+    tokenizer.json, the chat templates, the special tokens, and the options."""
+    digest = hashlib.sha256()
+    settings = {"version": CACHE_VERSION, "kind": kind, "options": options, "templates": tok.templates,
+                "special_tokens": tok.special_tokens, "files": [f.suffix for f in files]}
+    digest.update(json.dumps(settings, sort_keys=True, default=repr).encode())
+    digest.update(hashlib.sha256(tok.files["tokenizer.json"]).digest())
+    for file in files:
+        file_digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                file_digest.update(block)
+        digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def _load(kind: str, path, tok: Tokenizer, rules: LengthRules, think_prefix: bool, skip_bad: bool,
+          cache_dir, num_workers: int, template_kwargs: dict) -> TokenizedDataset:
+    files = data_files(path)
+    directory = None
+    if cache_dir is not None:
+        options = {"max_len": rules.max_len, "max_prompt_len": rules.max_prompt_len,
+                   "truncation": rules.truncation, "think_prefix": think_prefix, "skip_bad": skip_bad,
+                   "template_kwargs": template_kwargs}
+        directory = Path(cache_dir) / f"{kind}-{cache_key(kind, files, tok, options)[:32]}"
+        if (directory / "meta.json").exists():
+            dataset = TokenizedDataset.load(directory)
+            dataset.stats["cache"] = "hit"
+            log.info("%s %s: cache hit %s (%d units, %d tokens)", kind, path, directory, len(dataset),
+                     len(dataset.tokens))
+            return dataset
+
+    job = TokenizeJob(tok, kind, rules, think_prefix, template_kwargs)
+    counts, bad, sequences, rows, all_text = Counter(), [], [], [], True
+    results = tokenize_records(job, read_records(files), num_workers, desc=f"tokenizing {Path(path).name}")
+    for result in results:
+        counts["read"] += 1
+        outcome = result[0]
+        if outcome == "bad":
+            _bad_record(BadRecord(result[1]), skip_bad, counts, bad)
+            continue
+        counts[outcome] += 1
+        if outcome.startswith("dropped"):
+            continue
+        _, row, is_text, unit = result
+        all_text &= is_text
+        rows.append(row)
+        sequences.extend(unit)
+    if not rows:
+        raise ValueError(f"{path}: no examples left ({_summary(_stats(files, counts, bad, kept=0))})")
+
+    sizes = np.fromiter((len(ids) for ids, _ in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    tokens = np.concatenate([ids for ids, _ in sequences]).astype(np.int32, copy=False)
+    mask = np.concatenate([m for _, m in sequences]).astype(bool, copy=False)
+    del sequences
+    stats = _stats(files, counts, bad, kept=len(rows))
+    stats.update(tokens=int(len(tokens)), loss_tokens=int(mask.sum()))
+    dataset_kind = "pairs" if kind == "pairs" else "text" if all_text else "sft"
+    dataset = TokenizedDataset(dataset_kind, tokens, mask, offsets, np.asarray(rows, dtype=np.int64), stats,
+                               tok.pad_id)
+    _log_stats(dataset_kind, path, stats)
+    if directory is not None:
+        dataset.save(directory)
+        dataset = TokenizedDataset.load(directory)  # memory-mapped: the pages are shared and can be dropped
+        log.info("%s %s: cached in %s", kind, path, directory)
+    dataset.stats["cache"] = "miss" if directory is not None else "off"
+    return dataset
