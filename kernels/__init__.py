@@ -1,0 +1,51 @@
+"""Loss kernels: one number per token from the lm head without materialising N×V logits.
+
+    from kernels import linear_logprobs, linear_cross_entropy, cross_entropy
+    logp = linear_logprobs(hidden[N,H], weight[V,H], targets[N], temperature=1.0)  # fp32 [N]
+    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True)      # + fp32 entropy [N]
+    loss = linear_cross_entropy(hidden, weight, targets, reduction="mean")         # fp32 scalar
+    loss = cross_entropy(logits[N,V], targets[N])                                  # fp32 per-token [N]
+
+Rows whose target is −100 give 0 and no gradient. Each call dispatches once: the Triton path when the
+tensors are on CUDA, the memory-bounded PyTorch fallback of `kernels/reference.py` otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import cross_entropy_fallback, linear_cross_entropy_chunked, linear_logprobs_chunked
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log softmax(hidden·weightᵀ / temperature)[targets] per row (and the fp32 entropy)."""
+    return linear_logprobs_chunked(
+        hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
+    )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """fp32 scalar −Σ logp over non-ignored rows (`sum`) or its mean over them (`mean`)."""
+    return linear_cross_entropy_chunked(hidden, weight, targets, temperature=temperature, reduction=reduction)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 per-row −log softmax(logits)[target]; 0 where target = −100."""
+    return cross_entropy_fallback(logits, targets)
+
+
+__all__ = ["cross_entropy", "linear_cross_entropy", "linear_logprobs"]

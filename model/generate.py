@@ -12,7 +12,7 @@ How it runs, one wave of at most `batch_size` rows (a prompt's n rows always sha
    dtype, allocated once (S_max = longest prompt + max_new_tokens, rounded up), GQA K/V never repeated.
    The last prompt token's logits give every row its first token.
 2. Decode: fixed-shape steps over the B rows, `decode_step`: embed the last token, per layer write its K/V
-   at the row's own position (index_copy_) and attend over the row's cache under a key mask
+   at the row's own position (index_put_) and attend over the row's cache under a key mask
    (key index <= position), norm, lm head, sample, record. Rows that are done keep stepping with their
    output masked. Everything the step reads or writes lives in static tensors (DecodeState), so the step
    is one function of fixed-shape tensors: `compile=True` runs it under torch.compile (mode
@@ -146,8 +146,9 @@ class DecodeState:
     eos_ids: torch.Tensor  # [E] int64
     stop_seqs: torch.Tensor  # [N, W] int64, right-aligned, -1 = any token (shorter sequences)
     row_cu_seqlens: torch.Tensor  # [B + 1] int32 = 0..B: each row its own sequence for RoPE's decision
-    row_offsets: torch.Tensor  # [B] int64 = row * S: flat cache index of a row's position 0
-    key_index: torch.Tensor  # [S] int64
+    row_index: torch.Tensor  # [B] int64 = 0..B-1
+    layer_index: torch.Tensor  # [layers] int64 = 0..layers-1
+    key_index: torch.Tensor  # [S] int64 = 0..S-1
 
     @classmethod
     def allocate(
@@ -180,7 +181,8 @@ class DecodeState:
             eos_ids=zeros(num_eos),
             stop_seqs=zeros(*stop_shape),
             row_cu_seqlens=torch.arange(rows + 1, dtype=torch.int32, device=device),
-            row_offsets=torch.arange(rows, device=device) * cache_len,
+            row_index=torch.arange(rows, device=device),
+            layer_index=torch.arange(cfg.num_hidden_layers, device=device),
             key_index=torch.arange(cache_len, device=device),
         )
 
@@ -229,13 +231,16 @@ def decode_step(model: Transformer, state: DecodeState, *, greedy: bool, truncat
     x = model.embed_tokens(state.last_token)  # [B, H]
     cos, sin = model.rope(state.position, state.row_cu_seqlens, x.dtype)  # each row decides LongRoPE alone
     key_mask = (state.key_index <= state.position[:, None])[:, None, None, :]
-    write_at = state.row_offsets + state.position  # flat [B * S] index of each row's new K/V
-    for layer, cache_k, cache_v in zip(model.layers, state.cache_k, state.cache_v, strict=True):
+    for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         q, k, v = attn.project_qkv(layer.input_layernorm(x), cos, sin)
-        cache_k.view(-1, *k.shape[1:]).index_copy_(0, write_at, k)
-        cache_v.view(-1, *v.shape[1:]).index_copy_(0, write_at, v)
-        x = x + attn.o_proj(cached_attention(q, cache_k, cache_v, key_mask, attn.scale).flatten(-2))
+        # index_put_ on the whole cache tensor (not on a view of it): under torch.compile this stays an
+        # in-place scatter into the static buffer, as in gpt-fast
+        write_at = (state.layer_index[i], state.row_index, state.position)
+        state.cache_k.index_put_(write_at, k)
+        state.cache_v.index_put_(write_at, v)
+        out = cached_attention(q, state.cache_k[i], state.cache_v[i], key_mask, attn.scale)
+        x = x + attn.o_proj(out.flatten(-2))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     logits = model.logits(model.norm(x))
     uniform = state.uniform.index_select(0, state.step.view(1))[0]

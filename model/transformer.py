@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from kernels import linear_logprobs
 from model.attention import attention
 from model.config import ModelConfig
 from model.hf import load_hf_weights, resolve_checkpoint, save_hf
@@ -134,6 +136,7 @@ class Transformer(nn.Module):
             config.hidden_size, config.vocab_size, bias=False
         )
         self.rope = RotaryEmbedding(config)
+        self.activation_checkpointing = False  # recompute each block in backward (train.py's flag)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -147,12 +150,23 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [T] packed (cu_seqlens int32 [D+1]; [T] alone is one sequence) or [B, T] -> hidden [..., H].
 
         positions: [T] (packed or shared by the batch) or [B, T]; default: restart at 0 in each document.
         max_seqlen: the longest document, so the CUDA attention kernels need no host sync to find it.
+        targets: same shape as tokens (-100: no loss) -> instead of hidden, fp32 log π(target) per token
+            (and the entropy with return_entropy) at `temperature`, by `kernels.linear_logprobs`: the logits
+            are never materialised. Computing them inside forward lets FSDP gather the lm-head weight.
         """
+        if targets is not None:
+            hidden = self.forward(tokens, cu_seqlens, positions=positions, max_seqlen=max_seqlen)
+            out = linear_logprobs(hidden.flatten(0, -2), self.output_weight, targets.flatten(),
+                                  temperature=temperature, return_entropy=return_entropy)
+            return tuple(o.view(targets.shape) for o in out) if return_entropy else out.view(targets.shape)
         if tokens.dim() == 1 and cu_seqlens is None:
             positions = None if positions is None else positions[None]
             return self.forward(tokens[None], positions=positions)[0]
@@ -170,7 +184,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         cos, sin = self.rope(positions, cu_seqlens, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
