@@ -1,0 +1,153 @@
+"""eval.py: the metrics against brute force / hand computation, and the command end to end on a tiny model
+whose completions are "\\boxed{2}" or "\\boxed{3}" at random (so graded right and wrong), with a tiny BPE
+tokenizer: JSON output, resume skipping done problems, config mismatch, --pairs-out, evaluate() from code."""
+
+import itertools
+import json
+import statistics
+
+import pytest
+from test_generate import chain_model
+
+import eval as evaluation
+from data.benchmarks import Problem
+from data.synthetic import tokenizer_config, train_tokenizer
+from data.tokenizer import Tokenizer
+from eval import ProblemResult, benchmark_metrics, majority_vote, overall_metrics, pass_at_k, preference_pairs
+
+
+def test_pass_at_k_is_the_mean_over_k_subsets():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_majority_vote():
+    completions = ["so \\boxed{ 3 }", "<think>\\boxed{2}</think> hence \\boxed{3}", "\\boxed{2}",
+                   "\\boxed{2}", "no answer", "<think> \\boxed{2} unfinished"]
+    rewards = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    # "3" twice (spaces ignored, after </think>), "2" twice, the unfinished think no vote: first seen wins
+    assert majority_vote(completions, rewards) == 0.0
+    assert majority_vote(completions + ["\\boxed{2}"], rewards + [1.0]) == 1.0
+    assert majority_vote(["nothing", "<think>\\boxed{2}"], [0.0, 0.0]) == 0.0
+
+
+def test_benchmark_metrics_by_hand():
+    rewards = [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]]
+    problems = [ProblemResult(str(i), "p", "2", ["\\boxed{2}" if r else "\\boxed{3}" for r in rs],
+                              [float(r) for r in rs]) for i, rs in enumerate(rewards)]
+    m = benchmark_metrics(problems)
+    per_problem = [0.5, 0.0, 0.75]
+    assert m["pass@1"] == pytest.approx(statistics.mean(per_problem))
+    assert m["pass@1_stderr"] == pytest.approx(statistics.stdev(per_problem) / 3**0.5)
+    assert m["maj@n"] == pytest.approx(2 / 3)  # a 2-2 tie to the first seen ("2", right), all "3", 3 of "2"
+    assert set(m["pass@k"]) == {"1", "2", "4"}
+    assert m["pass@k"]["1"] == pytest.approx(m["pass@1"])
+    assert m["pass@k"]["4"] == pytest.approx(2 / 3)
+    assert m["pass@k"]["2"] == pytest.approx((pass_at_k(4, 2, 2) + 0 + pass_at_k(4, 3, 2)) / 3)
+    overall = overall_metrics([m, {**m, "pass@1": 0.0, "pass@1_stderr": 0.1}])
+    assert overall["pass@1"] == pytest.approx(m["pass@1"] / 2)
+    assert overall["pass@1_stderr"] == pytest.approx((m["pass@1_stderr"] ** 2 + 0.01) ** 0.5 / 2)
+
+
+def test_preference_pairs_take_first_correct_and_first_incorrect():
+    results = [
+        ProblemResult("a", "What?", "2", ["w1", "r1", "w2", "r2"], [0.0, 1.0, 0.0, 1.0]),
+        ProblemResult("b", "All right", "2", ["r1", "r2"], [1.0, 1.0]),
+        ProblemResult("c", "All wrong", "2", ["w1", "w2"], [0.0, 0.0]),
+    ]
+    assert preference_pairs(results, "Box it.") == [
+        {"id": "a", "prompt": "What?\nBox it.", "chosen": "r1", "rejected": "w1"}
+    ]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A checkpoint directory (random chain model + tokenizer) and a 3-problem JSONL whose answers are 2."""
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    texts = ["What is 1 + 1? Think. \\boxed{2} or \\boxed{3}. <think>\n4 - 2 = 2\n</think>"] * 4
+    backend = train_tokenizer(texts, 300)
+    backend.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(backend)))
+    tok = Tokenizer.from_pretrained(model_dir)
+    problems = ["What is 1 + 1?", "What is 4 - 2?", "What is 0 + 2?"]
+    rows = [{"id": f"q{i}", "problem": p, "answer": "2"} for i, p in enumerate(problems)]
+    (root / "problems.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # the prompt's last token -> "\boxed{" -> "2" | "3" -> "}" -> EOS
+    start = tok.encode_prompt([{"role": "user", "content": problems[0]}])[-1]
+    boxed, two, three, close = tok.encode("\\boxed{"), tok.encode("2"), tok.encode("3"), tok.encode("}")
+    assert len(two) == len(three) == len(close) == 1
+    chain = [start, *boxed]
+    transitions = {a: [b] for a, b in zip(chain, chain[1:], strict=False)}
+    transitions |= {boxed[-1]: [two[0], three[0]], two[0]: close, three[0]: close, close[0]: [tok.eos_id]}
+    assert len(transitions) == len(chain) + 3  # every state its own token
+    chain_model(tok.vocab_size, transitions).save_pretrained(model_dir)
+    return model_dir, root / "problems.jsonl", tok
+
+
+def run(task, out, *extra):
+    model_dir, problems, _ = task
+    return evaluation.main(["--model", str(model_dir), "--benchmark", str(problems), "--n", "8",
+                            "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "12",
+                            "--batch-size", "16", "--out", str(out), "--no-progress", *extra])
+
+
+def test_eval_end_to_end_resume_and_pairs(task, tmp_path, capsys):
+    out, pairs_out = tmp_path / "results.json", tmp_path / "pairs.jsonl"
+    run(task, out, "--limit", "2")
+    first = json.loads(out.read_text())
+    (name, bench), = first["benchmarks"].items()
+    assert [p["id"] for p in bench["problems"]] == ["q0", "q1"]
+    for p in bench["problems"]:
+        assert len(p["completions"]) == 8 and set(p["completions"]) <= {"\\boxed{2}", "\\boxed{3}"}
+        assert p["rewards"] == [float(c == "\\boxed{2}") for c in p["completions"]]
+    rewards = [r for p in bench["problems"] for r in p["rewards"]]
+    assert bench["pass@1"] == pytest.approx(sum(rewards) / len(rewards))
+    assert 0 < bench["pass@1"] < 1
+    assert first["overall"]["pass@1"] == pytest.approx(bench["pass@1"])
+    assert "| " + name + " | 2 |" in capsys.readouterr().out
+
+    # resume: the two done problems are kept as they are, only q2 is sampled; then the pairs
+    run(task, out, "--pairs-out", str(pairs_out))
+    assert "3 problems, 2 already in" in capsys.readouterr().err
+    second = json.loads(out.read_text())
+    problems = second["benchmarks"][name]["problems"]
+    assert [p["id"] for p in problems] == ["q0", "q1", "q2"]
+    assert problems[:2] == bench["problems"]
+    pairs = [json.loads(line) for line in pairs_out.read_text().splitlines()]
+    with_both = [p for p in problems if 0 < sum(p["rewards"]) < 8]
+    assert [p["id"] for p in pairs] == [p["id"] for p in with_both] and pairs
+    for pair in pairs:
+        assert pair["chosen"] == "\\boxed{2}" and pair["rejected"] == "\\boxed{3}"
+        assert pair["prompt"] in {"What is 1 + 1?", "What is 4 - 2?", "What is 0 + 2?"}
+
+    with pytest.raises(SystemExit, match="differing"):
+        run(task, out, "--seed", "1")
+
+
+def test_evaluate_from_code(task):
+    model_dir, _, tok = task
+    from model import Transformer
+
+    model = Transformer.from_pretrained(model_dir)
+    problems = [Problem("a", "What is 1 + 1?", "2"), Problem("b", "What is 4 - 2?", "3")]
+    result = evaluation.evaluate(model, tok, problems, n=4, temperature=1.0, top_p=1.0, max_new_tokens=12,
+                                 batch_size=8, seed=3, progress=False)
+    assert [p.id for p in result.problems] == ["a", "b"]
+    for p in result.problems:
+        assert p.rewards == [float(c == f"\\boxed{{{p.answer}}}") for c in p.completions]
+    assert result.pass_at_1 == pytest.approx(sum(sum(p.rewards) for p in result.problems) / 8)
+    again = evaluation.evaluate(model, tok, problems, n=4, temperature=1.0, top_p=1.0, max_new_tokens=12,
+                                batch_size=8, seed=3, progress=False)
+    assert again.problems == result.problems
+    texts = evaluation.sample_completions(model, tok, ["What is 1 + 1?"], n=2, temperature=0.0, top_p=1.0,
+                                          max_new_tokens=12, batch_size=2, generator=None, think_prefix=True)
+    assert len(texts) == 1 and texts[0][0] == texts[0][1] and texts[0][0].startswith("<think>\n")
