@@ -7,13 +7,19 @@
     loss = cross_entropy(logits[N,V], targets[N])                                  # fp32 per-token [N]
 
 Rows whose target is −100 give 0 and no gradient. Each call dispatches once: the Triton path when the
-tensors are on CUDA, the memory-bounded PyTorch fallback of `kernels/reference.py` otherwise.
+tensors are on CUDA (`kernels/linear_logprobs.py`, `kernels/cross_entropy.py`), the memory-bounded PyTorch
+fallback of `kernels/reference.py` otherwise. Costs of the CUDA path (N rows, H hidden, V vocabulary):
+
+    linear_logprobs        4 GEMMs (8·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·N·H (fp32 dH)
+    linear_cross_entropy   3 GEMMs (6·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·V·H (fp32 dW)
+    cross_entropy          one read of the logits forward, one read + one write backward
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.linear_logprobs import linear_cross_entropy_triton, linear_logprobs_triton
 from kernels.reference import cross_entropy_fallback, linear_cross_entropy_chunked, linear_logprobs_chunked
 
 
@@ -26,6 +32,10 @@ def linear_logprobs(
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 log softmax(hidden·weightᵀ / temperature)[targets] per row (and the fp32 entropy)."""
+    if hidden.is_cuda:
+        return linear_logprobs_triton(
+            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
+        )
     return linear_logprobs_chunked(
         hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
     )
@@ -39,7 +49,14 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """fp32 scalar −Σ logp over non-ignored rows (`sum`) or its mean over them (`mean`)."""
+    """fp32 scalar −Σ logp over non-ignored rows (`sum`) or its mean over them (`mean`).
+
+    Unlike `linear_logprobs(...).sum()`, the CUDA path computes dH and dW in the forward (3 GEMMs, not 4):
+    use it for SFT / mid-training token means."""
+    if hidden.is_cuda:
+        return linear_cross_entropy_triton(
+            hidden, weight, targets, temperature=temperature, reduction=reduction
+        )
     return linear_cross_entropy_chunked(hidden, weight, targets, temperature=temperature, reduction=reduction)
 
 
