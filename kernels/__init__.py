@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cross_entropy import cross_entropy_triton
 from kernels.linear_logprobs import linear_cross_entropy_triton, linear_logprobs_triton
 from kernels.reference import cross_entropy_fallback, linear_cross_entropy_chunked, linear_logprobs_chunked
 
@@ -60,8 +61,15 @@ def linear_cross_entropy(
     return linear_cross_entropy_chunked(hidden, weight, targets, temperature=temperature, reduction=reduction)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """fp32 per-row −log softmax(logits)[target]; 0 where target = −100."""
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, inplace_backward: bool = False
+) -> torch.Tensor:
+    """fp32 per-row −log softmax(logits)[target]; 0 where target = −100.
+
+    inplace_backward (CUDA): the gradient overwrites the logits during backward, saving an N×V buffer; only
+    when nothing reads the logits afterwards (see `kernels.cross_entropy.cross_entropy_triton`)."""
+    if logits.is_cuda:
+        return cross_entropy_triton(logits, targets, inplace_backward=inplace_backward)
     return cross_entropy_fallback(logits, targets)
 
 

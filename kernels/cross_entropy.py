@@ -183,3 +183,53 @@ def row_softmax_grad(
         cols, col_offset, float(logit_scale), float(grad_scale),
         WITH_ENTROPY=with_entropy, BLOCK_V=min(block_v, triton.next_power_of_2(cols)), num_warps=num_warps,
     )
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Per-row CE: forward one read (lse, loss), backward one read + one write (g·(p − onehot))."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, inplace_backward, block_v, num_warps):
+        lse = logits.new_empty(logits.shape[0], dtype=torch.float32)
+        loss = torch.empty_like(lse)
+        row_logsumexp(logits, targets, lse, loss, out_sign=-1.0, block_v=block_v, num_warps=num_warps)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.config = (inplace_backward, block_v, num_warps)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, targets, lse = ctx.saved_tensors
+        inplace_backward, block_v, num_warps = ctx.config
+        if inplace_backward:
+            grad = logits.detach()  # same storage, a tensor of its own for autograd to hand on
+            torch.autograd.graph.increment_version(logits)  # any other saver of the logits now fails loudly
+        else:
+            grad = torch.empty_like(logits)
+        # ∂loss/∂logp = −1: grad = g·(p − onehot)
+        row_softmax_grad(logits, grad, targets, lse, grad_loss.contiguous(), grad_scale=-1.0,
+                         block_v=block_v, num_warps=num_warps)
+        return grad, None, None, None, None
+
+
+def cross_entropy_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    inplace_backward: bool = False,
+    block_v: int = BLOCK_V,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """fp32 per-row −log softmax(logits)[targets]; 0 (and zero gradient) where targets = −100.
+
+    inplace_backward=True writes the gradient over the logits during backward (no N×V allocation). Allowed
+    when nothing reads the logits after this loss's backward: they come from an op whose backward does not
+    need its output (a matmul / F.linear, a dtype cast) and the caller does not read them afterwards. An
+    autograd node that saved them and runs later raises the usual "modified by an inplace operation" error.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [N, V] and targets [N], got logits {tuple(logits.shape)}, "
+                         f"targets {tuple(targets.shape)}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return CrossEntropy.apply(logits, targets.contiguous(), inplace_backward, block_v, num_warps)
