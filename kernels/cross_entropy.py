@@ -28,10 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
+from kernels.reference import IGNORE_INDEX
+
 BLOCK_V = 4096  # columns per loop step of a program; the benchmark may sweep it
 NUM_WARPS = 8
-NEG_BIG = -1.0e30  # finite "minus infinity": keeps (m − m')·s and e·(z − m) free of inf·0
+# Globals a @triton.jit function reads must be constexpr instances (the interpreter does not check this).
+IGNORED = tl.constexpr(IGNORE_INDEX)
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps (m − m')·s and e·(z − m) free of inf·0
 
 
 @triton.jit
@@ -50,7 +53,7 @@ def row_logsumexp_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORED
     n_live = tl.where(valid, n_cols, 0)  # an ignored row's loop is empty: its logits are never read
     row_ptr = logits_ptr + row * logits_row_stride
     lanes = tl.arange(0, BLOCK_V)
@@ -106,7 +109,7 @@ def row_softmax_grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORED
     lse = tl.load(lse_ptr + row)
     g = tl.where(valid, tl.load(g_ptr + row * g_stride).to(tl.float32), 0.0)
     if WITH_ENTROPY:
