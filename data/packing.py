@@ -166,11 +166,21 @@ class StepSampler:
         return deal(bins, self.lengths, self.world_size)
 
     def next_step(self) -> list[list[int]]:
+        """This rank's micro-batches of the next step; advances."""
         micro = self.plan(self.epoch, self.step)[self.rank]
+        self._advance()
+        return micro
+
+    def next_units(self) -> np.ndarray:
+        """Every unit of the next step (the same on every rank), unpacked; advances. GRPO's prompts."""
+        units = self.step_units(self.epoch, self.step)
+        self._advance()
+        return units
+
+    def _advance(self) -> None:
         self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
-        return micro
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_units": len(self.lengths),

@@ -130,13 +130,19 @@ def attention(
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Reference path: one causal SDPA call per document (packed) or one batched call ([B, T, H, D])."""
+    """Reference path: one batched causal SDPA call ([B, T, H, D]); packed input is padded to [D, L_max]
+    with a causal key-padding mask when that wastes at most half the work (many short documents, where a
+    Python loop of tiny calls is slow), else one causal SDPA call per document."""
     if q.dim() == 4:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
-    q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [H, T, D]
     bounds = cu_seqlens.tolist()
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    longest = max(lengths, default=0)
+    if len(lengths) > 1 and len(lengths) * longest**2 <= 2 * sum(n * n for n in lengths):
+        return _padded_sdpa(q, k, v, cu_seqlens, longest, scale)
+    q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [H, T, D]
     outs = [
         F.scaled_dot_product_attention(
             q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scale, enable_gqa=True
@@ -145,6 +151,21 @@ def sdpa_attention(
         if e > s
     ]
     return torch.cat(outs, dim=1).transpose(0, 1) if outs else torch.empty_like(q.transpose(0, 1))
+
+
+def _padded_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, longest: int, scale: float
+) -> torch.Tensor:
+    """Documents gathered into [D, H, L, d] (padding repeats a document's first token), query i of a document
+    sees its keys j <= i, j < len; padded queries are computed and dropped."""
+    starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    offsets = torch.arange(longest, device=q.device)
+    valid = offsets < lengths[:, None]  # [D, L]
+    index = starts[:, None] + torch.where(valid, offsets, 0)
+    mask = (offsets[None, :] <= offsets[:, None])[None] & valid[:, None, :]  # [D, L(query), L(key)]
+    q, k, v = (x[index].transpose(1, 2) for x in (q, k, v))  # [D, H, L, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)[valid]
 
 
 def flash_attention(

@@ -137,3 +137,28 @@ def test_rope_tables_stay_fp32_through_dtype_casts_and_to_empty():
         meta_rope = RotaryEmbedding(ModelConfig.preset("tiny"))
     meta_rope.to_empty(device="cpu")
     torch.testing.assert_close(meta_rope.inv_freq, exact, rtol=0, atol=0)
+
+
+# the padded branch, then the per-document one
+@pytest.mark.parametrize("lengths", [[5, 7, 6, 1, 7], [40, 1, 2, 3]])
+def test_sdpa_packed_equals_per_document_attention(lengths):
+    from model.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(len(lengths))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(cu[-1], 4, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(cu[-1], 2, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    out = sdpa_attention(q, k, v, cu_seqlens=cu, scale=0.3)
+    ref = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qd, kd, vd = (x[s:e].transpose(0, 1) for x in (q, k, v))
+        kd, vd = kd.repeat_interleave(2, 0), vd.repeat_interleave(2, 0)
+        causal = torch.ones(e - s, e - s).tril().bool()
+        w = (qd @ kd.transpose(1, 2) * 0.3).masked_fill(~causal, float("-inf"))
+        ref.append((w.softmax(-1) @ vd).transpose(0, 1))
+    ref = torch.cat(ref)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    ours, theirs = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
