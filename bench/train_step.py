@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import train
 from bench.common import environment, free_memory, markdown_table, peak_memory_gib, write_json
 from bench.kernels import Bench, measure_ceilings
 from data.packing import IGNORE, PackedBatch, best_fit_decreasing, collate
@@ -170,8 +171,6 @@ def model_flops(config: ModelConfig, lengths: list[int]) -> float:
 
 
 def train_args(args: argparse.Namespace, preset: str, precision: str) -> argparse.Namespace:
-    import train
-
     flags = ["--model", preset, "--precision", precision, "--lr", "1e-5", "--grad-clip", str(args.grad_clip)]
     flags += ["--activation-checkpointing"] * args.activation_checkpointing + ["--compile"] * args.compile
     return train.parse_args(flags)
@@ -179,8 +178,6 @@ def train_args(args: argparse.Namespace, preset: str, precision: str) -> argpars
 
 def nanoreason_step(args: argparse.Namespace, config: ModelConfig, precision: str, d) -> Callable:
     """train.py's model and optimiser -> step(PackedBatch) -> the loss (a device tensor, no host sync)."""
-    import train
-
     targs = train_args(args, PRESETS[args.case], precision)
     model = train.build_model(targs, config, d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=tuple(targs.betas),
@@ -215,8 +212,9 @@ def hf_step(args: argparse.Namespace, config: ModelConfig, precision: str, devic
     if args.compile:
         for layer in model.model.layers:
             layer.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
-                                  fused=device.type == "cuda")
+    targs = train_args(args, PRESETS[args.case], precision)  # the same optimiser settings as ours
+    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=tuple(targs.betas),
+                                  weight_decay=targs.weight_decay, fused=device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else contextlib.nullcontext())
 
@@ -224,7 +222,7 @@ def hf_step(args: argparse.Namespace, config: ModelConfig, precision: str, devic
         with autocast:
             loss = model(**inputs, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -233,12 +231,10 @@ def hf_step(args: argparse.Namespace, config: ModelConfig, precision: str, devic
 
 
 def hf_attention(device: torch.device) -> str:
-    if device.type == "cuda":
-        with contextlib.suppress(ImportError):
-            import flash_attn  # noqa: F401
+    """flash_attention_2 where transformers can run it (CUDA, flash-attn installed), else sdpa."""
+    from transformers.utils import is_flash_attn_2_available
 
-            return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
 
 
 def apply_liger(families: set[str], skip_because: str | None) -> str:
@@ -250,12 +246,20 @@ def apply_liger(families: set[str], skip_because: str | None) -> str:
         import liger_kernel.transformers as liger
     except ImportError:
         return "hf (liger_kernel not installed)"
-    for family in sorted(families):
-        getattr(liger, f"apply_liger_kernel_to_{family}")()
+    try:
+        for family in sorted(families):
+            getattr(liger, f"apply_liger_kernel_to_{family}")()
+    except Exception as err:  # e.g. a Liger release that does not know this transformers version
+        return f"hf (liger_kernel {getattr(liger, '__version__', '')} failed: {type(err).__name__}: {err})"
     return "hf+liger"
 
 
 # ---- one measurement --------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_steps(step: Callable, batches: list, warmup: int, device: torch.device) -> tuple[float, float]:
@@ -263,10 +267,10 @@ def time_steps(step: Callable, batches: list, warmup: int, device: torch.device)
     (seconds of the timed steps, their mean loss)."""
     for batch in batches[:warmup]:
         step(batch)
-    Bench(device, iters=1, warmup=0).sync()
+    synchronize(device)
     start = time.perf_counter()
     losses = [step(batch) for batch in batches[warmup:]]
-    Bench(device, iters=1, warmup=0).sync()
+    synchronize(device)
     seconds = time.perf_counter() - start
     return seconds, float(torch.stack(losses).float().mean())
 
@@ -277,8 +281,9 @@ def measure(args: argparse.Namespace, impl: str, layout: str, precision: str, co
     device = d.device
     timed = steps[args.warmup:]
     useful = sum(int(docs.lengths[u].sum()) for units in timed for u in units)
-    processed = sum(len(units) * int(docs.lengths[units].max()) for units in timed) if layout == "padded" \
-        else useful
+    processed = useful  # tokens the model computes: padding included
+    if layout == "padded":
+        processed = sum(len(units) * int(docs.lengths[units].max()) for units in timed)
     row = {"case": args.case, "precision": precision, "impl": impl, "layout": layout,
            "useful_tokens_per_step": useful / len(timed), "padding_fraction": 1 - useful / processed}
     free_memory(device)
@@ -298,6 +303,8 @@ def measure(args: argparse.Namespace, impl: str, layout: str, precision: str, co
         row.update(tokens_per_s=None, mfu=None, loss=None, seconds=None, note="OOM")
     row["peak_gib"] = peak_memory_gib(device)
     step = batches = None  # the model, optimiser and batches go before the next implementation is built
+    if args.compile:
+        torch._dynamo.reset()  # compiled graphs of the last model's blocks
     free_memory(device)
     return row
 
@@ -308,8 +315,6 @@ def measure(args: argparse.Namespace, impl: str, layout: str, precision: str, co
 def setup(dry_run: bool):
     """train.py's setup_distributed(); on a GPU under plain `python`, first a one-rank NCCL group (what
     `torchrun --nproc_per_node 1` gives), so FSDP2's collectives run on the GPU."""
-    import train
-
     if torch.cuda.is_available() and not dry_run and not dist.is_initialized() and "RANK" not in os.environ:
         torch.cuda.set_device(0)
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
@@ -356,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         ceilings = measure_ceilings(Bench(d.device, iters=20, warmup=5), quick=False)
         matmul_rate = ceilings["matmul_tflops"] * 1e12
-        configs = {case: ModelConfig.preset(PRESETS[case]) for case in args.cases}
+        configs = {case: train.model_config(train.parse_args(["--model", PRESETS[case]]))
+                   for case in args.cases}
         if args.dry_run:
             configs = {case: c.replace(**DRY_RUN_SHAPES[PRESETS[case]]) for case, c in configs.items()}
         skip = "--dry-run" if args.dry_run else "--no-liger" if args.no_liger else None
