@@ -100,8 +100,7 @@ def run_hf(hf, prompts: torch.Tensor, new_tokens: int, temperature: float, seed:
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
     out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                      eos_token_id=None, pad_token_id=0, do_sample=bool(temperature),
-                      **sampling)
+                      eos_token_id=None, pad_token_id=0, **(sampling or {"do_sample": False}))
     return out[:, prompts.shape[1]:].tolist()
 
 

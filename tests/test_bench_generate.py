@@ -47,3 +47,11 @@ def test_weights_copied_from_transformers_are_every_parameter():
     assert torch.equal(ours.embed_tokens.weight, hf.model.embed_tokens.weight)
     assert torch.equal(ours.norm.weight, hf.model.norm.weight)
     assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_dry_run_with_seeded_sampling(capsys):
+    report = main(["--dry-run", "--temperature", "0.7", "--impls", "nanoreason graph", "hf"])
+    assert "T=0.7, seeded" in capsys.readouterr().out
+    rows = report["results"]
+    assert [r["impl"] for r in rows] == ["nanoreason graph", "hf"] * 2
+    assert all(r["tok_per_s"] > 0 and "greedy_match" not in r for r in rows)  # no token check when sampling
