@@ -816,47 +816,27 @@ def collect_rollouts(
     return kept, stats
 
 
-def grpo_update(
-    args,
-    model,
-    ref_model,
-    rollouts: Rollouts,
-    advantages: torch.Tensor,
-    units: list[int],
-    temperature: float,
-    d: Dist,
-) -> dict:
+def grpo_update(args, model, ref_model, rollouts: Rollouts, advantages: torch.Tensor, units: list[int],
+                temperature: float, d: Dist) -> dict:
     """Forward/backward over this rank's `units` of one mini-batch, packed under --batch-tokens; the loss
-    weighted by the units' share of the global count (sequences or tokens, per --aggregation)."""
-    bins = (
-        best_fit_decreasing(np.asarray(units, dtype=np.int64), rollouts.lengths, args.batch_tokens)
-        if units
-        else []
-    )
-    unit_kind = grpo_loss_unit(args.aggregation)
-    local = (
-        float(len(units))
-        if unit_kind == "sequences"
-        else float(sum(int(rollouts.masks[i].sum()) for i in units))
-    )
-    counts = torch.tensor([local, float(len(bins))], device=d.device)
-    dist.all_reduce(counts[:1])
-    dist.all_reduce(counts[1:], op=dist.ReduceOp.MAX)
-    total_units, num_micro = max(counts[0].item(), 1.0), int(counts[1].item())
-    bins = bins + [[] for _ in range(num_micro - len(bins))]  # every rank runs as many passes
+    weighted by the units' share of the global count (sequences or tokens, per --aggregation). The logged
+    stats are global means: token-level ones weighted by loss tokens, the rest by sequences."""
+    bins = best_fit_decreasing(np.asarray(units, dtype=np.int64), rollouts.lengths, args.batch_tokens) \
+        if units else []
+    local_tokens = float(sum(int(rollouts.masks[i].sum()) for i in units))
+    counts = torch.tensor([float(len(units)), local_tokens, float(len(bins))], device=d.device)
+    dist.all_reduce(counts[:2])
+    dist.all_reduce(counts[2:], op=dist.ReduceOp.MAX)
+    total_seqs, total_tokens = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+    total_units = total_seqs if grpo_loss_unit(args.aggregation) == "sequences" else total_tokens
+    bins = bins + [[] for _ in range(int(counts[2].item()) - len(bins))]  # every rank runs as many passes
     sums = dict.fromkeys(STATS["grpo"], 0.0)  # the same keys on every rank, whatever it holds
     for i, unit_bin in enumerate(bins):
         model.set_requires_gradient_sync(i == len(bins) - 1)
         batch = collate(rollouts, unit_bin).to(d.device)
-        logp, entropy = model(
-            batch.tokens,
-            batch.cu_seqlens,
-            positions=batch.positions,
-            max_seqlen=batch.max_seqlen,
-            targets=batch.targets,
-            temperature=temperature,
-            return_entropy=True,
-        )
+        inputs = dict(positions=batch.positions, max_seqlen=batch.max_seqlen, targets=batch.targets,
+                      temperature=temperature)
+        logp, entropy = model(batch.tokens, batch.cu_seqlens, **inputs, return_entropy=True)
         if not unit_bin:
             (logp.sum() * 0).backward()
             continue
@@ -865,39 +845,21 @@ def grpo_update(
         ref = None
         if ref_model is not None:
             with torch.no_grad():
-                ref = ref_model(
-                    batch.tokens,
-                    batch.cu_seqlens,
-                    positions=batch.positions,
-                    max_seqlen=batch.max_seqlen,
-                    targets=batch.targets,
-                    temperature=temperature,
-                )
-        loss, stats = grpo_loss(
-            logp,
-            old,
-            advantages[batch.doc_index.cpu()].to(d.device),
-            batch.seq_id,
-            mask,
-            ref_logps=ref,
-            beta=args.kl_beta,
-            eps_low=args.eps_low,
-            eps_high=args.eps_high,
-            aggregation=args.aggregation,
-            max_len=args.max_new_tokens,
-            return_stats=True,
-        )
-        units_here = len(unit_bin) if unit_kind == "sequences" else batch.num_loss_tokens
+                ref = ref_model(batch.tokens, batch.cu_seqlens, **inputs)
+        seq_advantages = advantages[batch.doc_index.cpu()].to(d.device)
+        loss, stats = grpo_loss(logp, old, seq_advantages, batch.seq_id, mask, ref_logps=ref,
+                                beta=args.kl_beta, eps_low=args.eps_low, eps_high=args.eps_high,
+                                aggregation=args.aggregation, max_len=args.max_new_tokens, return_stats=True)
+        seqs, tokens = len(unit_bin), batch.num_loss_tokens
+        units_here = seqs if grpo_loss_unit(args.aggregation) == "sequences" else tokens
         (loss * (units_here / total_units) * d.world).backward()
-        tokens = mask.sum().clamp(min=1)
-        stats = {
-            **stats,
-            "loss": loss.detach(),
-            "entropy": (entropy * mask).sum() / tokens,
-            "logp_mismatch": ((logp.detach() - old).abs() * mask).sum() / tokens,
-        }
+        per_token = max(tokens, 1)
+        stats.update(entropy=(entropy * mask).sum() / per_token,
+                     logp_mismatch=((logp.detach() - old).abs() * mask).sum() / per_token)
+        sums["loss"] = sums["loss"] + loss.detach() * units_here / total_units
+        sums["advantage_abs_mean"] += stats.pop("advantage_abs_mean") * seqs / total_seqs
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v * (units_here / total_units)
+            sums[k] = sums[k] + v * tokens / total_tokens
     return sums
 
 
@@ -1321,16 +1283,17 @@ def train(args: argparse.Namespace) -> Path:
 
 # Stage settings for the `tiny` model on data/synthetic.py, chosen on this task (README: "The embedded run").
 # The user's own flags apply to the --objective stage (after these); --compare stages keep these.
-EMBEDDED_SFT = ["--objective", "sft", "--batch-size", "64", "--lr", "3e-3", "--warmup", "10",
-                "--max-steps", "150"]
+EMBEDDED_TASK = dict(ops="+-", operand_min=1, operand_max=30, max_value=99, min_steps=2, max_steps=2)
+EMBEDDED_SFT = ["--objective", "sft", "--batch-size", "16", "--lr", "3e-3", "--warmup", "20",
+                "--max-steps", "1000"]
 EMBEDDED_STAGES = {
     "sft": EMBEDDED_SFT,
-    "redi": ["--objective", "redi", "--alpha", "0.8", "--batch-size", "32", "--lr", "1e-4", "--warmup", "0.1",
-             "--schedule", "linear", "--max-steps", "60"],
-    "dpo": ["--objective", "dpo", "--beta", "0.1", "--batch-size", "32", "--lr", "1e-4", "--warmup", "0.1",
-            "--schedule", "linear", "--max-steps", "60"],
-    "simpo": ["--objective", "simpo", "--beta", "2.0", "--gamma", "1.0", "--batch-size", "32", "--lr", "1e-4",
-              "--warmup", "0.1", "--schedule", "linear", "--max-steps", "60"],
+    "redi": ["--objective", "redi", "--alpha", "0.8", "--batch-size", "16", "--lr", "1e-4", "--warmup", "0.1",
+             "--schedule", "linear", "--max-steps", "100"],
+    "dpo": ["--objective", "dpo", "--beta", "0.1", "--batch-size", "16", "--lr", "1e-4", "--warmup", "0.1",
+            "--schedule", "linear", "--max-steps", "100"],
+    "simpo": ["--objective", "simpo", "--beta", "2.0", "--gamma", "1.0", "--batch-size", "16", "--lr", "1e-4",
+              "--warmup", "0.1", "--schedule", "linear", "--max-steps", "100"],
     "grpo": ["--objective", "grpo", "--batch-size", "16", "--group-size", "8", "--lr", "1e-4",
              "--max-new-tokens", "64", "--schedule", "constant", "--max-steps", "40", "--eval-every", "10",
              "--eval-limit", "200", "--dynamic-sampling"],
@@ -1361,9 +1324,9 @@ def embedded(args: argparse.Namespace, argv: list[str]) -> dict:
 
     d = setup_distributed()
     root = args.out or Path("runs/embedded")
-    task = build_task(root / "task") if d.main else None
+    task = build_task(root / "task", **EMBEDDED_TASK) if d.main else None
     dist.barrier()
-    task = build_task(root / "task")  # the manifest makes this a cache hit on every rank
+    task = build_task(root / "task", **EMBEDDED_TASK)  # the manifest makes this a cache hit on every rank
     common = ["--model", "tiny", "--tokenizer", str(task["tokenizer"]), "--seed", str(args.seed),
               "--eval-data", str(task["test"])]
     user = strip_flags(argv, {"--compare": 0, "--no-compare": 0, "--out": 1})

@@ -28,7 +28,13 @@ def make_dataset(lengths, kind="sft", seed=0, pad_id=0) -> TokenizedDataset:
 def check_batch(batch: PackedBatch, docs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """The batch against its documents, token by token, from the definitions."""
     tokens = batch.tokens.tolist()
-    assert batch.tokens.dtype == batch.targets.dtype == batch.positions.dtype == batch.seq_id.dtype == torch.int64
+    assert (
+        batch.tokens.dtype
+        == batch.targets.dtype
+        == batch.positions.dtype
+        == batch.seq_id.dtype
+        == torch.int64
+    )
     assert batch.cu_seqlens.dtype == torch.int32 and batch.doc_index.dtype == torch.int64
     assert batch.cu_seqlens.tolist() == [0, *itertools.accumulate(len(t) for t, _ in docs)]
     assert batch.max_seqlen == max(len(t) for t, _ in docs)
@@ -60,8 +66,16 @@ def test_collate_sft_and_pairs():
 
 def test_empty_micro_batch_is_a_dummy_without_loss():
     batch = collate(make_dataset([4, 4], pad_id=7), [])
-    assert batch.tokens.tolist() == [7] and batch.targets.tolist() == [IGNORE] and batch.positions.tolist() == [0]
-    assert batch.cu_seqlens.tolist() == [0, 1] and batch.seq_id.tolist() == [0] and batch.doc_index.tolist() == [-1]
+    assert (
+        batch.tokens.tolist() == [7]
+        and batch.targets.tolist() == [IGNORE]
+        and batch.positions.tolist() == [0]
+    )
+    assert (
+        batch.cu_seqlens.tolist() == [0, 1]
+        and batch.seq_id.tolist() == [0]
+        and batch.doc_index.tolist() == [-1]
+    )
     assert batch.num_loss_tokens == 0 and batch.max_seqlen == 1
 
 
@@ -71,7 +85,9 @@ def test_best_fit_decreasing_respects_the_budget_and_packs_tightly():
     bins = best_fit_decreasing(np.arange(200), lengths, 128)
     assert sorted(u for b in bins for u in b) == list(range(200))
     assert all(lengths[b].sum() <= 128 for b in bins)
-    assert len(bins) <= 11 * int(np.ceil(lengths.sum() / 128)) // 9 + 1  # BFD's bound: 11/9 OPT + 1 (OPT >= sum/cap)
+    assert (
+        len(bins) <= 11 * int(np.ceil(lengths.sum() / 128)) // 9 + 1
+    )  # BFD's bound: 11/9 OPT + 1 (OPT >= sum/cap)
     assert best_fit_decreasing(np.array([0, 1, 2, 3]), np.array([60, 50, 40, 10]), 100) == [[0, 2], [1, 3]]
 
 
@@ -80,15 +96,27 @@ def test_best_fit_decreasing_respects_the_budget_and_packs_tightly():
 def test_plan_covers_every_unit_once_per_epoch(world_size, drop_last):
     rng = np.random.default_rng(world_size)
     lengths = rng.integers(1, 300, size=103)
-    samplers = [StepSampler(lengths, batch_size=16, token_budget=512, world_size=world_size, rank=r, seed=5,
-                            drop_last=drop_last) for r in range(world_size)]
+    samplers = [
+        StepSampler(
+            lengths,
+            batch_size=16,
+            token_budget=512,
+            world_size=world_size,
+            rank=r,
+            seed=5,
+            drop_last=drop_last,
+        )
+        for r in range(world_size)
+    ]
     steps = samplers[0].steps_per_epoch
     assert steps == (103 // 16 if drop_last else 7)
     for epoch in range(2):
         seen = []
         for _ in range(steps):
             per_rank = [s.next_step() for s in samplers]
-            assert len({len(micro) for micro in per_rank}) == 1  # every rank: the same number of micro-batches
+            assert (
+                len({len(micro) for micro in per_rank}) == 1
+            )  # every rank: the same number of micro-batches
             for micro in per_rank:
                 for units in micro:
                     assert lengths[units].sum() <= 512
@@ -147,7 +175,9 @@ def test_stream_blocks():
     ds = make_dataset([7, 3, 12, 5, 9], kind="text")
     blocks = pack_stream(ds, block_len=8)
     assert blocks.lengths.tolist() == [8, 8, 8, 8, 4] and len(blocks) == 5
-    assert np.array_equal(np.concatenate([blocks[i][0] for i in range(5)]), ds.tokens)  # nothing lost or added
+    assert np.array_equal(
+        np.concatenate([blocks[i][0] for i in range(5)]), ds.tokens
+    )  # nothing lost or added
     starts = set(ds.offsets.tolist())
     for i in range(len(blocks)):
         pieces = blocks.docs(i)
@@ -157,6 +187,12 @@ def test_stream_blocks():
         cut = 8 * i + np.cumsum([0] + [len(t) for t, _ in pieces])[1:-1]
         assert set(cut.tolist()) <= starts  # pieces split exactly at document starts
     sampler = StepSampler(blocks.lengths, batch_size=2, token_budget=16, seed=0, drop_last=False)
-    assert sorted(u for _ in range(sampler.steps_per_epoch) for m in sampler.next_step() for u in m) == [0, 1, 2, 3, 4]
+    assert sorted(u for _ in range(sampler.steps_per_epoch) for m in sampler.next_step() for u in m) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     with pytest.raises(ValueError, match="not 'pairs'"):
         pack_stream(make_dataset([4, 4], kind="pairs"), 8)

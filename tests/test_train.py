@@ -139,3 +139,21 @@ def test_grpo_runs_with_dynamic_sampling_and_eval(task, tmp_path):
         assert key in last, key
     assert last["temperature"] == pytest.approx(0.8)  # annealed 1.0 -> 0.6 over 2 steps, at step 1
     assert (out / "hf" / "config.json").exists()
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_update_is_the_same_on_two_processes(aggregation):
+    def result(nproc: int) -> dict:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend",
+                  "c10d", "--rdzv-endpoint", "localhost:0"] if nproc == 2 else [sys.executable]
+        proc = subprocess.run([*launch, str(ROOT / "tests" / "grpo_update_ranks.py"), aggregation], cwd=ROOT,
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        return json.loads(line[len("RESULT "):])
+
+    one, two = result(1), result(2)
+    assert one.keys() == two.keys()
+    for key in one:
+        assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), (key, one[key], two[key])
+    assert one["clip_high_fraction"] + one["clip_low_fraction"] > 0  # the clip is exercised
