@@ -188,7 +188,7 @@ def nanoreason_step(args: argparse.Namespace, config: ModelConfig, precision: st
                      targets=batch.targets)
         loss = sft_loss(logp, batch.targets != IGNORE)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip or math.inf)  # 0: off
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -222,7 +222,7 @@ def hf_step(args: argparse.Namespace, config: ModelConfig, precision: str, devic
         with autocast:
             loss = model(**inputs, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip or math.inf)  # 0: off
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--phi-seq-len", type=int, default=8192, help="phi case: tokens per document")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block (both)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block / decoder layer (both)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clipping (both)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping, 0: off (both)")
     p.add_argument("--steps", type=int, default=10, help="timed optimiser steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--seed", type=int, default=0, help="data")
