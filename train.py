@@ -104,6 +104,8 @@ RECIPES: dict[str, dict] = {
         warmup=0.1,
         schedule="cosine",
         think_prefix=True,
+        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
+        truncation="keep_end",
     ),
     # REDI stage 2: reference-free, alpha 0.8, lr 1e-6, batch 32, 1 epoch, 10% warm-up then linear decay
     "redi": dict(
@@ -116,6 +118,8 @@ RECIPES: dict[str, dict] = {
         schedule="linear",
         max_len=32768,
         think_prefix=True,
+        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
+        truncation="keep_end",
     ),
     # REDI's baselines on the same pairs
     "redi-dpo": dict(
@@ -128,6 +132,8 @@ RECIPES: dict[str, dict] = {
         schedule="linear",
         max_len=32768,
         think_prefix=True,
+        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
+        truncation="keep_end",
     ),
     "redi-simpo": dict(
         objective="simpo",
@@ -140,6 +146,8 @@ RECIPES: dict[str, dict] = {
         schedule="linear",
         max_len=32768,
         think_prefix=True,
+        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
+        truncation="keep_end",
     ),
     # Phi-4-mini-reasoning (Microsoft 2025): packed mid-training, unpacked SFT, rollout DPO, RL
     "phi-midtrain": dict(objective="sft", pack="stream", block_len=16384, lr=1e-5, batch_size=128, epochs=5),
@@ -153,6 +161,7 @@ RECIPES: dict[str, dict] = {
         temperature_end=0.6,
         dynamic_sampling=True,
         eps_high=0.28,
+        wrong_reward=-1.0,  # reward ±1 on the verified answer
     ),
 }
 
@@ -396,7 +405,8 @@ def setup_distributed() -> Dist:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
         else:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"  # FSDP2 collectives on CUDA need nccl
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -166,6 +166,8 @@ class Transformer(nn.Module):
             hidden = self.forward(tokens, cu_seqlens, positions=positions, max_seqlen=max_seqlen)
             out = linear_logprobs(hidden.flatten(0, -2), self.output_weight, targets.flatten(),
                                   temperature=temperature, return_entropy=return_entropy)
+            if targets.dim() == 1:  # packed: [T] as it is (a view would trip FSDP's pre-backward hook)
+                return out
             return tuple(o.view(targets.shape) for o in out) if return_entropy else out.view(targets.shape)
         if tokens.dim() == 1 and cu_seqlens is None:
             positions = None if positions is None else positions[None]
