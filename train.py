@@ -92,77 +92,27 @@ STATS = {  # what each kind of step logs, averaged over its units
 
 # The papers' numbers (DESIGN.md); every other knob keeps its flag default. README lists each with its source.
 RECIPES: dict[str, dict] = {
-    # REDI stage 1 (Xu et al. 2025): SFT on correct traces; Qwen2.5-Math-1.5B, rope_theta 3e5, 32k positions
-    "redi-sft": dict(
-        objective="sft",
-        lr=5e-5,
-        batch_size=128,
-        epochs=5,
-        max_len=32768,
-        rope_theta=300000.0,
-        max_position_embeddings=32768,
-        warmup=0.1,
-        schedule="cosine",
-        think_prefix=True,
-        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
-        truncation="keep_end",
-    ),
+    # REDI (Xu et al. 2025) stage 1: SFT on correct traces; Qwen2.5-Math-1.5B, rope_theta 3e5, 32k positions.
+    # REDI's length rules in every REDI stage: prompts <= 800 tokens, longer traces keep their end.
+    "redi-sft": dict(objective="sft", lr=5e-5, batch_size=128, epochs=5, max_len=32768, rope_theta=300000.0,
+                     max_position_embeddings=32768, warmup=0.1, schedule="cosine", think_prefix=True,
+                     max_prompt_len=800, truncation="keep_end"),
     # REDI stage 2: reference-free, alpha 0.8, lr 1e-6, batch 32, 1 epoch, 10% warm-up then linear decay
-    "redi": dict(
-        objective="redi",
-        alpha=0.8,
-        lr=1e-6,
-        batch_size=32,
-        epochs=1,
-        warmup=0.1,
-        schedule="linear",
-        max_len=32768,
-        think_prefix=True,
-        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
-        truncation="keep_end",
-    ),
+    "redi": dict(objective="redi", alpha=0.8, lr=1e-6, batch_size=32, epochs=1, warmup=0.1, schedule="linear",
+                 max_len=32768, think_prefix=True, max_prompt_len=800, truncation="keep_end"),
     # REDI's baselines on the same pairs
-    "redi-dpo": dict(
-        objective="dpo",
-        beta=0.001,
-        lr=2e-7,
-        batch_size=32,
-        epochs=1,
-        warmup=0.1,
-        schedule="linear",
-        max_len=32768,
-        think_prefix=True,
-        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
-        truncation="keep_end",
-    ),
-    "redi-simpo": dict(
-        objective="simpo",
-        beta=2.0,
-        gamma=1.0,
-        lr=5e-7,
-        batch_size=32,
-        epochs=1,
-        warmup=0.1,
-        schedule="linear",
-        max_len=32768,
-        think_prefix=True,
-        max_prompt_len=800,  # REDI's length rules: prompts <= 800 tokens, long traces keep their end
-        truncation="keep_end",
-    ),
-    # Phi-4-mini-reasoning (Microsoft 2025): packed mid-training, unpacked SFT, rollout DPO, RL
+    "redi-dpo": dict(objective="dpo", beta=0.001, lr=2e-7, batch_size=32, epochs=1, warmup=0.1,
+                     schedule="linear", max_len=32768, think_prefix=True, max_prompt_len=800,
+                     truncation="keep_end"),
+    "redi-simpo": dict(objective="simpo", beta=2.0, gamma=1.0, lr=5e-7, batch_size=32, epochs=1, warmup=0.1,
+                       schedule="linear", max_len=32768, think_prefix=True, max_prompt_len=800,
+                       truncation="keep_end"),
+    # Phi-4-mini-reasoning (Microsoft 2025): packed mid-training, unpacked SFT, rollout DPO, RL (reward ±1)
     "phi-midtrain": dict(objective="sft", pack="stream", block_len=16384, lr=1e-5, batch_size=128, epochs=5),
     "phi-sft": dict(objective="sft", max_len=20480, lr=1e-5, batch_size=128, epochs=5),
     "phi-dpo": dict(objective="dpo", lr=5e-7, epochs=1, max_len=20480),
-    "phi-rl": dict(
-        objective="grpo",
-        lr=5e-7,
-        max_new_tokens=25000,
-        temperature=1.0,
-        temperature_end=0.6,
-        dynamic_sampling=True,
-        eps_high=0.28,
-        wrong_reward=-1.0,  # reward ±1 on the verified answer
-    ),
+    "phi-rl": dict(objective="grpo", lr=5e-7, max_new_tokens=25000, temperature=1.0, temperature_end=0.6,
+                   dynamic_sampling=True, eps_high=0.28, wrong_reward=-1.0),
 }
 
 
@@ -175,173 +125,101 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recipe", choices=sorted(RECIPES), help="set the paper's hyper-parameters for a stage (see README)")
     add("--config", type=Path, help="a TOML file of flag values (names with - or _); flags given override it")
     g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="HF dir, hub name or preset (tiny, qwen2.5-1.5b, ...); default: --init's config, else tiny",
-    )
-    g.add_argument(
-        "--init", default=None, help="HF checkpoint to start from (default: random init of --model)"
-    )
-    g.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer dir (default: --init, else --model, else the synthetic task's)",
-    )
-    g.add_argument(
-        "--data",
-        default=None,
-        help="training file or dir (jsonl/json/parquet); default: the embedded synthetic task",
-    )
+    g.add_argument("--model", default=None,
+                   help="HF dir, hub name or preset (tiny, qwen2.5-1.5b, ...); default: --init's config, "
+                   "else tiny")
+    g.add_argument("--init", default=None, help="HF checkpoint to start from (default: random init of "
+                                           "--model)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir (default: --init, else --model, else the synthetic task's)")
+    g.add_argument("--data", default=None,
+                   help="training file or dir (jsonl/json/parquet); default: the embedded synthetic task")
     g.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<objective>)")
     g.add_argument("--rope-theta", type=float, default=None, help="override the model's rope_theta")
     g.add_argument("--max-position-embeddings", type=int, default=None, help="override max positions")
     g.add_argument("--max-len", type=int, default=4096, help="longest example (prompt + completion), tokens")
-    g.add_argument(
-        "--max-prompt-len", type=int, default=None, help="drop examples with longer prompts (REDI: 800)"
-    )
-    g.add_argument(
-        "--truncation",
-        choices=("drop", "keep_end", "keep_start"),
-        default="drop",
-        help="what to do with examples longer than --max-len",
-    )
-    g.add_argument(
-        "--think-prefix",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="start the assistant turn with '<think>\\n' (REDI)",
-    )
-    g.add_argument(
-        "--pack",
-        choices=("examples", "stream"),
-        default="examples",
-        help="examples: whole examples per micro-batch; stream: concatenate and cut --block-len blocks",
-    )
+    g.add_argument("--max-prompt-len", type=int, default=None, help="drop examples with longer prompts "
+                                                               "(REDI: 800)")
+    g.add_argument("--truncation", choices=("drop", "keep_end", "keep_start"), default="drop",
+                   help="what to do with examples longer than --max-len")
+    g.add_argument("--think-prefix", action=argparse.BooleanOptionalAction, default=False,
+                   help="start the assistant turn with '<think>\\n' (REDI)")
+    g.add_argument("--pack", choices=("examples", "stream"), default="examples",
+                   help="examples: whole examples per micro-batch; stream: concatenate and cut --block-len "
+                   "blocks")
     g.add_argument("--block-len", type=int, default=4096, help="block length in stream mode")
-    g.add_argument(
-        "--skip-bad", action="store_true", help="skip (and count) malformed rows instead of failing"
-    )
+    g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of "
+                                                      "failing")
     g.add_argument("--num-workers", type=int, default=0, help="tokenisation processes (0: in-process)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
-    g.add_argument(
-        "--warmup", type=float, default=0.0, help="warm-up: a fraction of the steps (<1) or a count"
-    )
-    g.add_argument(
-        "--schedule", choices=("constant", "linear", "cosine"), default="cosine", help="decay after warm-up"
-    )
-    g.add_argument(
-        "--epochs", type=float, default=1.0, help="passes over the data (ignored with --max-steps)"
-    )
+    g.add_argument("--warmup", type=float, default=0.0, help="warm-up: a fraction of the steps (<1) or a "
+                                                        "count")
+    g.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine", help="decay "
+                                                                                             "after warm-up")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with "
+                                                        "--max-steps)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    g.add_argument(
-        "--batch-size", type=int, default=32, help="examples (or pairs) per optimiser step, all ranks"
-    )
-    g.add_argument(
-        "--batch-tokens", type=int, default=16384, help="token budget of one micro-batch on one rank"
-    )
+    g.add_argument("--batch-size", type=int, default=32, help="examples (or pairs) per optimiser step, all "
+                                                         "ranks")
+    g.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one micro-batch on one "
+                                                              "rank")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument(
-        "--precision",
-        choices=("fp32", "bf16-mixed", "bf16"),
-        default=None,
-        help="fp32; bf16-mixed: fp32 params/optimiser, bf16 compute; bf16: everything bf16 "
-        "(default: bf16-mixed on CUDA, fp32 on CPU)",
-    )
+    g.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16"), default=None,
+                   help="fp32; bf16-mixed: fp32 params/optimiser, bf16 compute; bf16: everything bf16 "
+                   "(default: bf16-mixed on CUDA, fp32 on CPU)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
     g = p.add_argument_group("objectives")
-    g.add_argument(
-        "--alpha", type=float, default=0.8, help="redi: weight of the rejected term (1: symmetric)"
-    )
+    g.add_argument("--alpha", type=float, default=0.8, help="redi: weight of the rejected term (1: "
+                                                       "symmetric)")
     g.add_argument("--beta", type=float, default=None, help="dpo: β (default 0.1); simpo: β (default 2.0)")
     g.add_argument("--gamma", type=float, default=1.0, help="simpo: target margin γ")
     g = p.add_argument_group("grpo (rollouts from the current weights; --batch-size counts prompts)")
     g.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G)")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="rollout length budget L_max")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (at step 0)")
-    g.add_argument(
-        "--temperature-end",
-        type=float,
-        default=None,
-        help="anneal the temperature linearly to this value (Phi-4-mini-reasoning: 1.0 -> 0.6)",
-    )
+    g.add_argument("--temperature-end", type=float, default=None,
+                   help="anneal the temperature linearly to this value (Phi-4-mini-reasoning: 1.0 -> 0.6)")
     g.add_argument("--anneal-steps", type=int, default=100, help="steps over which the temperature anneals")
     g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
-    g.add_argument(
-        "--aggregation",
-        choices=("grpo", "dapo", "dr_grpo"),
-        default="grpo",
-        help="how the per-token loss is averaged (losses/grpo.py)",
-    )
-    g.add_argument(
-        "--scale-rewards",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="divide advantages by the group's reward std (GRPO; Dr. GRPO: off)",
-    )
+    g.add_argument("--aggregation", choices=("grpo", "dapo", "dr_grpo"), default="grpo",
+                   help="how the per-token loss is averaged (losses/grpo.py)")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide advantages by the group's reward std (GRPO; Dr. GRPO: off)")
     g.add_argument("--eps-low", type=float, default=0.2, help="lower clip ε_low")
     g.add_argument("--eps-high", type=float, default=0.2, help="upper clip ε_high (DAPO clip-higher: 0.28)")
-    g.add_argument(
-        "--kl-beta",
-        type=float,
-        default=0.0,
-        help="weight of the k3 KL to the initial policy (0: no reference model)",
-    )
+    g.add_argument("--kl-beta", type=float, default=0.0,
+                   help="weight of the k3 KL to the initial policy (0: no reference model)")
     g.add_argument("--wrong-reward", type=float, default=0.0, help="reward of a wrong answer (Phi: -1)")
-    g.add_argument(
-        "--overlong-cache",
-        type=int,
-        default=0,
-        help="DAPO soft overlong penalty band, tokens before --max-new-tokens (0: off)",
-    )
-    g.add_argument(
-        "--dynamic-sampling",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="drop groups whose rewards are all equal and sample more prompts until --batch-size "
-        "groups remain (DAPO; Phi's rebalancing)",
-    )
+    g.add_argument("--overlong-cache", type=int, default=0,
+                   help="DAPO soft overlong penalty band, tokens before --max-new-tokens (0: off)")
+    g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop groups whose rewards are all equal and sample more prompts until --batch-size "
+                   "groups remain (DAPO; Phi's rebalancing)")
     g.add_argument("--max-sampling-rounds", type=int, default=3, help="dynamic sampling: rounds per step")
-    g.add_argument(
-        "--updates-per-rollout",
-        type=int,
-        default=1,
-        help="optimiser steps per rollout batch (its groups split in this many mini-batches)",
-    )
-    g.add_argument(
-        "--filter-samples",
-        type=int,
-        default=0,
-        help="prompt filtering: sample this many "
-        "completions per prompt with the initial model first (0: off)",
-    )
+    g.add_argument("--updates-per-rollout", type=int, default=1,
+                   help="optimiser steps per rollout batch (its groups split in this many mini-batches)")
+    g.add_argument("--filter-samples", type=int, default=0,
+                   help="prompt filtering: sample this many completions per prompt with the initial model "
+                   "first (0: off)")
     g.add_argument("--filter-max-pass", type=float, default=0.9, help="drop prompts solved more often")
-    g.add_argument(
-        "--filter-min-pass",
-        type=float,
-        default=0.0,
-        help="drop prompts solved less often (0 keeps all unsolved)",
-    )
+    g.add_argument("--filter-min-pass", type=float, default=0.0,
+                   help="drop prompts solved less often (0 keeps all unsolved)")
     g.add_argument("--rollout-batch-size", type=int, default=256, help="rows decoded at once per rank")
     g = p.add_argument_group("evaluation during training")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
-    g.add_argument(
-        "--eval-data",
-        default=None,
-        help="problem/answer JSONL or benchmark name (default: the "
-        "synthetic task's test set in the embedded run)",
-    )
+    g.add_argument("--eval-data", default=None,
+                   help="problem/answer JSONL or benchmark name (default: the synthetic task's test set in "
+                   "the embedded run)")
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N problems only")
     g.add_argument("--eval-n", type=int, default=1, help="samples per problem")
-    g.add_argument(
-        "--eval-temperature", type=float, default=0.0, help="eval sampling temperature (0: greedy)"
-    )
+    g.add_argument("--eval-temperature", type=float, default=0.0, help="eval sampling temperature (0: "
+                                                                  "greedy)")
     g.add_argument("--eval-max-new-tokens", type=int, default=512, help="eval generation budget")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -349,12 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
-    g.add_argument(
-        "--compare",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="embedded default: also train the other pair objectives and compare",
-    )
+    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="embedded default: also train the other pair objectives and compare")
     return p
 
 
