@@ -57,7 +57,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data.datasets import load_pairs, load_rl, load_sft
-from data.packing import StepSampler, best_fit_decreasing, collate, pack_stream
+from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
 from data.rewards import math_reward
 from data.tokenizer import Tokenizer
 from losses import (
@@ -428,37 +428,49 @@ def offline_loss(args, model, batch, ref_logps: torch.Tensor | None) -> tuple[to
 
 
 @torch.no_grad()
-def reference_logps(args, model, dataset, d: Dist, path: Path) -> torch.Tensor:
-    """DPO's π_ref(y|x) sums for every pair, [num_pairs, 2] (chosen, rejected), computed once by the initial
-    model in a pre-pass and cached at `path`: no second model in memory while training."""
-    if path.exists():
-        return torch.load(path, map_location=d.device)
-    out = torch.zeros(len(dataset), 2, dtype=torch.float32, device=d.device)
-    order = np.arange(len(dataset))
-    sampler = StepSampler(
-        dataset.lengths[order],
-        batch_size=len(dataset),
-        token_budget=args.batch_tokens,
-        world_size=d.world,
-        rank=d.rank,
-        seed=0,
-        drop_last=False,
-    )
-    model.eval()
-    for units in tqdm(sampler.next_step(), desc="reference log-probs", disable=not d.main):
-        batch = collate(dataset, units).to(d.device)
-        if not units:
-            token_logps(model, batch)  # keep FSDP's collectives in step with the other ranks
-            continue
-        c, _, r, _ = pair_logps(token_logps(model, batch), batch)
-        out[batch.doc_index[0::2]] = torch.stack([c, r], dim=1)
-    model.train()
-    dist.all_reduce(out)  # each pair was computed by exactly one rank; the others hold zeros
-    if d.main:
-        tmp = path.with_suffix(".tmp")
-        torch.save(out.cpu(), tmp)
-        os.replace(tmp, path)
-    return out
+def reference_logps(
+    args, model, dataset, units: np.ndarray, d: Dist, path: Path, initial: bool
+) -> torch.Tensor:
+    """DPO's π_ref(y|x) sums, [num_pairs, 2] (chosen, rejected; NaN where not needed), computed by the initial
+    model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed or longer
+    run computes only what the cache lacks): no second model in memory while training."""
+    out = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
+    missing = np.unique(units)
+    missing = missing[torch.isnan(out[missing, 0]).numpy()]
+    if len(missing) and not initial:
+        raise SystemExit(f"{path} lacks the reference log-probs of {len(missing)} pairs this resumed run "
+                         "needs, and the model is no longer the reference: resume with the original "
+                         "--max-steps/--epochs")
+    if len(missing):
+        bins = best_fit_decreasing(missing, dataset.lengths, args.batch_tokens)
+        mine = deal(bins, dataset.lengths, d.world)[d.rank]
+        computed = torch.zeros(len(dataset), 2, dtype=torch.float32, device=d.device)
+        model.eval()
+        for unit_bin in tqdm(mine, desc="reference log-probs", disable=not d.main):
+            batch = collate(dataset, unit_bin).to(d.device)
+            if not unit_bin:
+                token_logps(model, batch)  # keep FSDP's collectives in step with the other ranks
+                continue
+            c, _, r, _ = pair_logps(token_logps(model, batch), batch)
+            computed[batch.doc_index[0::2]] = torch.stack([c, r], dim=1)
+        model.train()
+        dist.all_reduce(computed)  # each pair was computed by exactly one rank; the others hold zeros
+        out[missing] = computed[torch.from_numpy(missing).to(d.device)].cpu()
+        if d.main:
+            tmp = path.with_suffix(".tmp")
+            torch.save(out, tmp)
+            os.replace(tmp, path)
+        dist.barrier()
+    return out.to(d.device)
+
+
+def planned_units(sampler: StepSampler, num_steps: int) -> np.ndarray:
+    """Every unit the sampler's next `num_steps` steps take (it is not advanced)."""
+    epoch, step, taken = sampler.epoch, sampler.step, []
+    for _ in range(num_steps):
+        taken.append(sampler.step_units(epoch, step))
+        epoch, step = (epoch + 1, 0) if step + 1 == sampler.steps_per_epoch else (epoch, step + 1)
+    return np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1074,7 +1086,10 @@ def train(args: argparse.Namespace) -> Path:
         step = load_checkpoint(ckpt, model, optimizer, scheduler, sampler, generator, d)
         if d.main:
             log.info("resumed from %s (step %d)", ckpt, step)
-    ref = reference_logps(args, model, dataset, d, out / "ref_logps.pt") if args.objective == "dpo" else None
+    ref = None
+    if args.objective == "dpo":
+        used = planned_units(sampler, total_steps - step)
+        ref = reference_logps(args, model, dataset, used, d, out / "ref_logps.pt", initial=step == 0)
     evals = eval_problems(args) if args.eval_every else None
 
     metrics = MetricsLog(out, step, d.main)
@@ -1172,11 +1187,11 @@ EMBEDDED_SFT = ["--objective", "sft", "--batch-size", "16", "--lr", "3e-3", "--w
                 "--max-steps", "1000"]
 EMBEDDED_STAGES = {
     "sft": EMBEDDED_SFT,
-    "redi": ["--objective", "redi", "--alpha", "0.8", "--batch-size", "16", "--lr", "1e-4", "--warmup", "0.1",
+    "redi": ["--objective", "redi", "--alpha", "0.8", "--batch-size", "16", "--lr", "1e-5", "--warmup", "0.1",
              "--schedule", "linear", "--max-steps", "100"],
-    "dpo": ["--objective", "dpo", "--beta", "0.1", "--batch-size", "16", "--lr", "1e-4", "--warmup", "0.1",
+    "dpo": ["--objective", "dpo", "--beta", "0.1", "--batch-size", "16", "--lr", "1e-5", "--warmup", "0.1",
             "--schedule", "linear", "--max-steps", "100"],
-    "simpo": ["--objective", "simpo", "--beta", "2.0", "--gamma", "1.0", "--batch-size", "16", "--lr", "1e-4",
+    "simpo": ["--objective", "simpo", "--beta", "2.0", "--gamma", "1.0", "--batch-size", "16", "--lr", "1e-5",
               "--warmup", "0.1", "--schedule", "linear", "--max-steps", "100"],
     "grpo": ["--objective", "grpo", "--batch-size", "16", "--group-size", "8", "--lr", "1e-4",
              "--max-new-tokens", "64", "--schedule", "constant", "--max-steps", "40", "--eval-every", "10",
