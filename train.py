@@ -871,7 +871,8 @@ class MetricsLog:
         except ImportError:
             return None
         rows = [json.loads(r) for r in self.path.read_text().splitlines() if r]
-        keys = [k for k in rows[0] if k != "step" and isinstance(rows[0][k], int | float)] if rows else []
+        numeric = (k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float))
+        keys = list(dict.fromkeys(numeric))  # every metric, in the order first logged
         if not keys:
             return None
         cols = min(3, len(keys))
