@@ -1241,8 +1241,9 @@ def embedded(args: argparse.Namespace, argv: list[str]) -> dict:
                                                        "--data", str(task[EMBEDDED_DATA[objective]])]
         trained[objective] = run_stage(stage + extra, d)
 
+    budget = args.eval_max_new_tokens if any(a.startswith("--eval-max-new-tokens") for a in argv) else 64
     eval_args = parse_args(common + ["--eval-limit", str(args.eval_limit or 500),
-                                     "--eval-max-new-tokens", str(args.eval_max_new_tokens)])
+                                     "--eval-max-new-tokens", str(budget)])
     tok = Tokenizer.from_pretrained(task["tokenizer"])
     problems = eval_problems(eval_args)
     base = Transformer(ModelConfig.preset("tiny")).to(d.device)
@@ -1274,10 +1275,12 @@ def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
 
 
 def embedded_table(results: dict, num_problems: int, args) -> str:
+    """Markdown: accuracy ± its binomial standard error sqrt(p(1-p)/N) per model."""
     header = (f"held-out accuracy on {num_problems} synthetic problems (greedy, pass@1, "
               f"{args.eval_max_new_tokens} new tokens max)")
-    lines = [header, "", "| model | accuracy |", "| --- | --- |"]
-    lines += [f"| {name} | {acc:.3f} |" for name, acc in results.items()]
+    lines = [header, "", "| model | accuracy | ± stderr |", "| --- | --- | --- |"]
+    for name, acc in results.items():
+        lines.append(f"| {name} | {acc:.3f} | {math.sqrt(acc * (1 - acc) / max(num_problems, 1)):.3f} |")
     return "\n".join(lines)
 
 

@@ -157,3 +157,39 @@ def test_grpo_update_is_the_same_on_two_processes(aggregation):
     for key in one:
         assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), (key, one[key], two[key])
     assert one["clip_high_fraction"] + one["clip_low_fraction"] > 0  # the clip is exercised
+
+
+def test_schedule_plan_and_flag_helpers():
+    import numpy as np
+
+    import train
+    from data.packing import StepSampler
+
+    args = train.parse_args(["--lr", "1", "--warmup", "0.1", "--schedule", "cosine", "--min-lr-ratio", "0.1"])
+    f = train.lr_lambda(args, 100)
+    assert [f(0), f(9)] == pytest.approx([1 / 11, 10 / 11])  # warm-up: (step + 1) / (warmup + 1)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 45 / 90)))
+    sampler = StepSampler(np.arange(1, 11), batch_size=3, token_budget=100, seed=5)
+    sampler.next_units()
+    planned = train.planned_units(sampler, 5)  # crosses an epoch (3 steps per epoch)
+    assert planned.tolist() == np.concatenate([sampler.next_units() for _ in range(5)]).tolist()
+    assert train.strip_flags(["--objective", "redi", "--out", "x", "--compare", "--out=y", "--lr", "1"],
+                             {"--out": 1, "--compare": 0}) == ["--objective", "redi", "--lr", "1"]
+    args = train.parse_args(["--temperature", "1.0", "--temperature-end", "0.6", "--anneal-steps", "4"])
+    assert [train.rollout_temperature(args, s) for s in (0, 2, 4, 9)] == pytest.approx([1.0, 0.8, 0.6, 0.6])
+
+
+def test_recipes_and_config_file(tmp_path):
+    import train
+
+    args = train.parse_args(["--recipe", "redi"])
+    got = (args.objective, args.alpha, args.lr, args.batch_size, args.schedule)
+    assert got == ("redi", 0.8, 1e-6, 32, "linear")
+    config = tmp_path / "r.toml"
+    config.write_text('lr = 2e-6\nmax-prompt-len = 512\n')
+    args = train.parse_args(["--config", str(config), "--recipe", "redi", "--alpha", "1.0"])
+    assert (args.lr, args.max_prompt_len, args.alpha) == (2e-6, 512, 1.0)  # flags > file > recipe
+    config.write_text("learning_rate = 1\n")
+    with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
+        train.parse_args(["--config", str(config)])
