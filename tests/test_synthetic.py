@@ -2,7 +2,6 @@
 teacher's error rate and the consistency of its mistakes, the tokenizer (transformers loads it), and the
 OpenR1 recipe reproducing the task's own selection from teacher.jsonl."""
 
-import importlib.util
 import json
 import os
 import re
@@ -219,10 +218,9 @@ def test_tokenizer_loads_in_transformers(task):
 
 
 def test_tokenizer_matches_data_tokenizer(task):
-    if importlib.util.find_spec("data.tokenizer") is None:
-        pytest.skip("data/tokenizer.py is not written yet")
-    from data.tokenizer import Tokenizer
     from transformers import AutoTokenizer
+
+    from data.tokenizer import Tokenizer
 
     ours = Tokenizer.from_pretrained(task["tokenizer"])
     hf = AutoTokenizer.from_pretrained(task["tokenizer"])
