@@ -1196,7 +1196,7 @@ EMBEDDED_STAGES = {
               "--warmup", "0.1", "--schedule", "linear", "--max-steps", "100"],
     "grpo": ["--objective", "grpo", "--batch-size", "16", "--group-size", "8", "--lr", "1e-4",
              "--max-new-tokens", "64", "--schedule", "constant", "--max-steps", "40", "--eval-every", "10",
-             "--eval-limit", "200", "--dynamic-sampling"],
+             "--eval-limit", "200", "--eval-max-new-tokens", "64", "--dynamic-sampling"],
 }
 EMBEDDED_DATA = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "grpo": "rl"}
 
