@@ -213,12 +213,18 @@ def sample_completions(
     prompts = [tok.encode_prompt(m, think_prefix=think_prefix) for m in messages]
     gen = generate(model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
                    top_k=top_k, eos_ids=stop_ids, generator=generator, compile=compile, batch_size=batch_size)
-    texts = []
-    for tokens, finished in zip(gen.tokens, gen.finished, strict=True):
-        if finished and tokens and tokens[-1] in stop_ids:
-            tokens = tokens[:-1]
-        texts.append((THINK_PREFIX if think_prefix else "") + tok.decode(tokens))
+    texts = [completion_text(tok, tokens, finished, stop_ids, think_prefix)
+             for tokens, finished in zip(gen.tokens, gen.finished, strict=True)]
     return [texts[i * n:(i + 1) * n] for i in range(len(problems))]
+
+
+def completion_text(tok, tokens: Sequence[int], finished: bool, stop_ids: Sequence[int],  # noqa: ANN001
+                    think_prefix: bool) -> str:
+    """The text math_reward grades: the stop token dropped, "<think>\\n" in front with think_prefix (the
+    prompt ended with it)."""
+    if finished and tokens and tokens[-1] in stop_ids:
+        tokens = tokens[:-1]
+    return (THINK_PREFIX if think_prefix else "") + tok.decode(tokens)
 
 
 def evaluate(

@@ -60,6 +60,7 @@ from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
 from data.rewards import math_reward
 from data.tokenizer import Tokenizer
+from eval import completion_text, evaluate, load_problems
 from losses import (
     dpo_loss,
     group_advantages,
@@ -498,8 +499,6 @@ def sync_copy(model, copy: Transformer) -> None:
 @torch.no_grad()
 def evaluate_shards(copy: Transformer, tok: Tokenizer, problems: list, args, d: Dist) -> dict:
     """pass@1 of `problems` (each rank samples its share i::world), with the mean response length."""
-    from eval import evaluate
-
     mine = problems[d.rank :: d.world]
     result = (
         evaluate(
@@ -561,23 +560,11 @@ def rollout_temperature(args, step: int) -> float:
     )
 
 
-def score(tok: Tokenizer, completions: list[list[int]], answers: list[str], args) -> list[float]:
-    """math_reward of each decoded completion (stop token dropped; "<think>\n" in front with --think-prefix)
-    → 1.0 right, --wrong-reward otherwise."""
-    stops = set(tok.stop_ids)
-    prefix = "<think>\n" if args.think_prefix else ""
-    rewards = []
-    for ids, answer in zip(completions, answers, strict=True):
-        text = prefix + tok.decode(ids[:-1] if ids and ids[-1] in stops else ids)
-        rewards.append(1.0 if math_reward(text, answer) == 1.0 else args.wrong_reward)
-    return rewards
-
-
 def sample_groups(
     args, copy: Transformer, tok: Tokenizer, problems, units, temperature: float, generator: torch.Generator
 ) -> dict:
-    """G completions for each problem of `units` and their rewards (1 right / --wrong-reward; + the
-    overlong penalty)."""
+    """G completions for each problem of `units` and their rewards: 1 when math_reward accepts the answer,
+    else --wrong-reward; plus the overlong penalty with --overlong-cache."""
     prompts = [problems[i].prompt_ids for i in units]
     gen = generate(
         copy,
@@ -591,7 +578,9 @@ def sample_groups(
         batch_size=max(args.group_size, args.rollout_batch_size),
     )
     answers = [problems[i].answer for i in units for _ in range(args.group_size)]
-    correct = torch.tensor(score(tok, gen.tokens, answers, args)) == 1.0
+    texts = [completion_text(tok, ids, done, tok.stop_ids, args.think_prefix)
+             for ids, done in zip(gen.tokens, gen.finished, strict=True)]
+    correct = torch.tensor([math_reward(t, a) == 1.0 for t, a in zip(texts, answers, strict=True)])
     rewards = torch.where(correct, 1.0, args.wrong_reward)
     lengths = torch.tensor([len(t) for t in gen.tokens], dtype=torch.float32)
     if args.overlong_cache:
@@ -1016,8 +1005,6 @@ def optimizer_step(args, model, optimizer, scheduler, sums: dict, d: Dist, step:
 
 
 def eval_problems(args) -> list:
-    from eval import load_problems
-
     _, problems, _ = load_problems(args.eval_data)
     return problems[: args.eval_limit] if args.eval_limit else problems
 
