@@ -193,3 +193,30 @@ def test_recipes_and_config_file(tmp_path):
     config.write_text("learning_rate = 1\n")
     with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
         train.parse_args(["--config", str(config)])
+
+
+def test_embedded_default_runs_every_stage_and_reuses_sft(tmp_path, monkeypatch, capsys):
+    """The README's first command, shrunk: a small task, 2 steps per stage, 8 held-out problems."""
+    import torch.distributed as dist
+
+    import train
+
+    monkeypatch.setitem(train.EMBEDDED_TASK, "n_train_problems", 48)
+    monkeypatch.setitem(train.EMBEDDED_TASK, "n_test_problems", 8)
+    short = ["--max-steps", "2", "--batch-size", "4"]
+    monkeypatch.setattr(train, "EMBEDDED_SFT", train.EMBEDDED_SFT + short)
+    monkeypatch.setattr(train, "EMBEDDED_STAGES", {k: v + short for k, v in train.EMBEDDED_STAGES.items()})
+    argv = ["--objective", "redi", "--out", str(tmp_path), "--eval-limit", "8"]
+    try:
+        results = train.embedded(train.parse_args(argv), argv)
+        sft_weights = (tmp_path / "sft" / "hf" / "model.safetensors").stat().st_mtime_ns
+        again = train.embedded(train.parse_args(argv), argv)  # every stage's flags unchanged: all reused
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert list(results) == ["base (random init)", "sft", "redi", "dpo", "simpo"]
+    assert results == again
+    assert (tmp_path / "sft" / "hf" / "model.safetensors").stat().st_mtime_ns == sft_weights
+    table = (tmp_path / "results.md").read_text()
+    assert "| redi |" in table and "held-out accuracy on 8 synthetic problems" in table
+    assert "| simpo |" in capsys.readouterr().out
