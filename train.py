@@ -358,15 +358,9 @@ def lr_lambda(args: argparse.Namespace, total_steps: int):
 
 def load_dataset(args: argparse.Namespace, tok: Tokenizer, cache_dir: Path):
     """The objective's dataset, tokenised once and cached (data/datasets.py)."""
-    common = dict(
-        max_len=args.max_len,
-        max_prompt_len=args.max_prompt_len,
-        truncation=args.truncation,
-        think_prefix=args.think_prefix,
-        skip_bad=args.skip_bad,
-        cache_dir=cache_dir,
-        num_workers=args.num_workers,
-    )
+    common = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, truncation=args.truncation,
+                  think_prefix=args.think_prefix, skip_bad=args.skip_bad, cache_dir=cache_dir,
+                  num_workers=args.num_workers)
     if args.objective in PAIR_OBJECTIVES:
         return load_pairs(args.data, tok, **common)
     ds = load_sft(args.data, tok, **common)
@@ -385,13 +379,8 @@ def units_of(args: argparse.Namespace, batch, num_units: int) -> int:
 
 def token_logps(model: Transformer, batch) -> torch.Tensor:
     """log π(target) per token, fp32 [T], 0 where targets == -100 (computed inside the FSDP root forward)."""
-    return model(
-        batch.tokens,
-        batch.cu_seqlens,
-        positions=batch.positions,
-        max_seqlen=batch.max_seqlen,
-        targets=batch.targets,
-    )
+    return model(batch.tokens, batch.cu_seqlens, positions=batch.positions, max_seqlen=batch.max_seqlen,
+                 targets=batch.targets)
 
 
 def pair_logps(logp: torch.Tensor, batch) -> tuple[torch.Tensor, ...]:
@@ -419,13 +408,8 @@ def offline_loss(args, model, batch, ref_logps: torch.Tensor | None) -> tuple[to
         loss = dpo_loss(c, r, ref[:, 0], ref[:, 1], beta=args.beta)
     c_avg, r_avg = (c / cl.clamp(min=1)).detach(), (r / rl.clamp(min=1)).detach()
     n = c.shape[0]
-    return loss, {
-        "loss": loss.detach() * n,
-        "chosen_logp": c_avg.sum(),
-        "rejected_logp": r_avg.sum(),
-        "margin": (c_avg - r_avg).sum(),
-        "pair_acc": (c_avg > r_avg).float().sum(),
-    }
+    return loss, {"loss": loss.detach() * n, "chosen_logp": c_avg.sum(), "rejected_logp": r_avg.sum(),
+                  "margin": (c_avg - r_avg).sum(), "pair_acc": (c_avg > r_avg).float().sum()}
 
 
 @torch.no_grad()
@@ -501,19 +485,9 @@ def evaluate_shards(copy: Transformer, tok: Tokenizer, problems: list, args, d: 
     """pass@1 of `problems` (each rank samples its share i::world), with the mean response length."""
     mine = problems[d.rank :: d.world]
     result = (
-        evaluate(
-            copy,
-            tok,
-            mine,
-            n=args.eval_n,
-            temperature=args.eval_temperature,
-            top_p=1.0,
-            max_new_tokens=args.eval_max_new_tokens,
-            batch_size=args.rollout_batch_size,
-            think_prefix=args.think_prefix,
-            seed=args.seed + d.rank,
-            progress=False,
-        )
+        evaluate(copy, tok, mine, n=args.eval_n, temperature=args.eval_temperature, top_p=1.0,
+                 max_new_tokens=args.eval_max_new_tokens, batch_size=args.rollout_batch_size,
+                 think_prefix=args.think_prefix, seed=args.seed + d.rank, progress=False)
         if mine
         else None
     )
@@ -521,10 +495,8 @@ def evaluate_shards(copy: Transformer, tok: Tokenizer, problems: list, args, d: 
     chars = sum(len(c) for p in result.problems for c in p.completions) if result else 0
     totals = torch.tensor([correct, chars, len(mine) * args.eval_n], dtype=torch.float64, device=d.device)
     dist.all_reduce(totals)
-    return {
-        "eval_pass@1": float(totals[0] / totals[2]),
-        "eval_completion_chars": float(totals[1] / totals[2]),
-    }
+    return {"eval_pass@1": float(totals[0] / totals[2]),
+            "eval_completion_chars": float(totals[1] / totals[2])}
 
 
 class Rollouts:
@@ -566,17 +538,9 @@ def sample_groups(
     """G completions for each problem of `units` and their rewards: 1 when math_reward accepts the answer,
     else --wrong-reward; plus the overlong penalty with --overlong-cache."""
     prompts = [problems[i].prompt_ids for i in units]
-    gen = generate(
-        copy,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        n=args.group_size,
-        temperature=temperature,
-        top_p=args.top_p,
-        eos_ids=list(tok.stop_ids),
-        generator=generator,
-        batch_size=max(args.group_size, args.rollout_batch_size),
-    )
+    gen = generate(copy, prompts, max_new_tokens=args.max_new_tokens, n=args.group_size,
+                   temperature=temperature, top_p=args.top_p, eos_ids=list(tok.stop_ids), generator=generator,
+                   batch_size=max(args.group_size, args.rollout_batch_size))
     answers = [problems[i].answer for i in units for _ in range(args.group_size)]
     texts = [completion_text(tok, ids, done, tok.stop_ids, args.think_prefix)
              for ids, done in zip(gen.tokens, gen.finished, strict=True)]
@@ -585,15 +549,9 @@ def sample_groups(
     lengths = torch.tensor([len(t) for t in gen.tokens], dtype=torch.float32)
     if args.overlong_cache:
         rewards = rewards + overlong_penalty(lengths, args.max_new_tokens, args.overlong_cache)
-    return {
-        "prompts": [p for p in prompts for _ in range(args.group_size)],
-        "tokens": gen.tokens,
-        "logps": gen.logps,
-        "rewards": rewards,
-        "correct": correct.float(),
-        "lengths": lengths,
-        "truncated": torch.tensor([not f for f in gen.finished], dtype=torch.float32),
-    }
+    return {"prompts": [p for p in prompts for _ in range(args.group_size)], "tokens": gen.tokens,
+            "logps": gen.logps, "rewards": rewards, "correct": correct.float(), "lengths": lengths,
+            "truncated": torch.tensor([not f for f in gen.finished], dtype=torch.float32)}
 
 
 def take_groups(batch: dict, keep: torch.Tensor, group_size: int) -> dict:
@@ -628,11 +586,8 @@ def filter_prompts(args, copy: Transformer, tok: Tokenizer, problems, d: Dist, p
         filter_args = argparse.Namespace(
             **{**vars(args), "group_size": args.filter_samples, "overlong_cache": 0}
         )
-        for start in tqdm(
-            range(0, len(mine), max(1, args.rollout_batch_size // args.filter_samples)),
-            desc="prompt filtering",
-            disable=not d.main,
-        ):
+        for start in tqdm(range(0, len(mine), max(1, args.rollout_batch_size // args.filter_samples)),
+                          desc="prompt filtering", disable=not d.main):
             chunk = mine[start : start + max(1, args.rollout_batch_size // args.filter_samples)]
             out = sample_groups(filter_args, copy, tok, problems, chunk, args.temperature, generator)
             rates[chunk] = out["correct"].view(len(chunk), -1).mean(1).double().to(d.device)
@@ -642,14 +597,8 @@ def filter_prompts(args, copy: Transformer, tok: Tokenizer, problems, d: Dist, p
             torch.save(rates, path)
     keep = ((rates >= args.filter_min_pass) & (rates <= args.filter_max_pass)).nonzero().flatten().tolist()
     if d.main:
-        log.info(
-            "prompt filtering: kept %d of %d prompts (pass rate in [%g, %g]; mean %.3f)",
-            len(keep),
-            len(problems),
-            args.filter_min_pass,
-            args.filter_max_pass,
-            float(rates.mean()),
-        )
+        log.info("prompt filtering: kept %d of %d prompts (pass rate in [%g, %g]; mean %.3f)", len(keep),
+                 len(problems), args.filter_min_pass, args.filter_max_pass, float(rates.mean()))
     if not keep:
         raise SystemExit("prompt filtering left no prompts: widen --filter-min-pass/--filter-max-pass")
     return keep
@@ -677,27 +626,16 @@ def collect_rollouts(
             break
     seen, kept = concat_groups(seen), concat_groups(kept)
     totals = torch.tensor(
-        [
-            seen["correct"].sum(),
-            seen["rewards"].sum(),
-            seen["lengths"].sum(),
-            seen["truncated"].sum(),
-            len(seen["tokens"]),
-            len(kept["tokens"]),
-        ],
+        [seen["correct"].sum(), seen["rewards"].sum(), seen["lengths"].sum(), seen["truncated"].sum(),
+         len(seen["tokens"]), len(kept["tokens"])],
         dtype=torch.float64,
         device=d.device,
     )
     dist.all_reduce(totals)
     n = max(totals[4].item(), 1.0)
-    stats = {
-        "accuracy": totals[0].item() / n,
-        "reward": totals[1].item() / n,
-        "response_length": totals[2].item() / n,
-        "truncated": totals[3].item() / n,
-        "kept_groups_fraction": totals[5].item() / n,
-        "temperature": temperature,
-    }
+    stats = {"accuracy": totals[0].item() / n, "reward": totals[1].item() / n,
+             "response_length": totals[2].item() / n, "truncated": totals[3].item() / n,
+             "kept_groups_fraction": totals[5].item() / n, "temperature": temperature}
     return kept, stats
 
 
@@ -770,14 +708,9 @@ def save_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(
-        {
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(),
-            "generator": generator.get_state(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+         "generator": generator.get_state(), "rng": torch.get_rng_state(),
+         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         tmp / f"rank{d.rank}.pt",
     )
     dist.barrier()
@@ -865,12 +798,8 @@ class MetricsLog:
         if not keys:
             return None
         cols = min(3, len(keys))
-        fig, axes = plt.subplots(
-            math.ceil(len(keys) / cols),
-            cols,
-            figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)),
-            squeeze=False,
-        )
+        fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols,
+                                 figsize=(4 * cols, 2.6 * math.ceil(len(keys) / cols)), squeeze=False)
         for ax, key in zip(axes.flat, keys, strict=False):
             points = [(r["step"], r[key]) for r in rows if key in r]
             ax.plot(*zip(*points, strict=True))
@@ -944,21 +873,8 @@ def offline_step(
     return sums, sum(b.tokens.shape[0] for b in batches), flops
 
 
-def grpo_step(
-    args,
-    model,
-    ref_model,
-    copy,
-    tok,
-    problems,
-    sampler,
-    generator,
-    optimizer,
-    scheduler,
-    step: int,
-    d: Dist,
-    out: Path,
-) -> tuple[dict, int]:
+def grpo_step(args, model, ref_model, copy, tok, problems, sampler, generator, optimizer, scheduler,
+              step: int, d: Dist, out: Path) -> tuple[dict, int]:
     """One GRPO step: sync the sampling copy, sample groups, advantages, --updates-per-rollout optimiser
     steps over mini-batches of the groups → (the step's metrics, tokens trained)."""
     sync_copy(model, copy)
@@ -1058,13 +974,8 @@ def train(args: argparse.Namespace) -> Path:
     )
     updates = args.updates_per_rollout if grpo else 1
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * sampler.steps_per_epoch))
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=args.lr,
-        betas=tuple(args.betas),
-        weight_decay=args.weight_decay,
-        fused=d.device.type == "cuda",
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay, fused=d.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps * updates))
     generator = torch.Generator(device=d.device).manual_seed(args.seed * 1009 + d.rank)
 
@@ -1087,17 +998,8 @@ def train(args: argparse.Namespace) -> Path:
         signal.signal(sig, lambda s, _: stop.update(signal=s))
     if d.main:
         unit = "prompts" if grpo else "pairs" if args.objective in PAIR_OBJECTIVES else "examples"
-        log.info(
-            "%s: %d steps of %d %s, %.1fM parameters, %d rank(s), %s, %s",
-            args.objective,
-            total_steps,
-            args.batch_size,
-            unit,
-            num_params / 1e6,
-            d.world,
-            d.device.type,
-            args.precision,
-        )
+        log.info("%s: %d steps of %d %s, %.1fM parameters, %d rank(s), %s, %s", args.objective, total_steps,
+                 args.batch_size, unit, num_params / 1e6, d.world, d.device.type, args.precision)
     if evals is not None and step == 0:
         sync_copy(model, copy)
         metrics.write({"step": 0, **evaluate_shards(copy, tok, evals, args, d)})
@@ -1110,21 +1012,8 @@ def train(args: argparse.Namespace) -> Path:
                 os.kill(os.getpid(), signal.SIGKILL)
             t0 = time.perf_counter()
             if grpo:
-                row, tokens = grpo_step(
-                    args,
-                    model,
-                    ref_model,
-                    copy,
-                    tok,
-                    problems,
-                    sampler,
-                    generator,
-                    optimizer,
-                    scheduler,
-                    step,
-                    d,
-                    out,
-                )
+                row, tokens = grpo_step(args, model, ref_model, copy, tok, problems, sampler, generator,
+                                        optimizer, scheduler, step, d, out)
                 flops = 0.0
             else:
                 sums, tokens, flops = offline_step(args, model, dataset, sampler, ref, config, num_params, d)
