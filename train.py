@@ -1169,6 +1169,8 @@ def main(argv: list[str] | None = None) -> None:
             embedded(args, argv)
         else:
             train(args)
+    except FloatingPointError as e:  # a non-finite loss or gradient: nothing was applied
+        raise SystemExit(f"train.py: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

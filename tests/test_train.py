@@ -220,3 +220,15 @@ def test_embedded_default_runs_every_stage_and_reuses_sft(tmp_path, monkeypatch,
     table = (tmp_path / "results.md").read_text()
     assert "| redi |" in table and "held-out accuracy on 8 synthetic problems" in table
     assert "| simpo |" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_cleanly_before_the_update(task, tmp_path):
+    out = tmp_path / "run"
+    proc = run(stage_args(task, "sft", out) + ["--max-steps", "6", "--save-every", "1", "--lr", "1e30"],
+               check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient at step" in proc.stderr and "Traceback" not in proc.stderr
+    steps = sorted(p.name for p in (out / "ckpt").iterdir())
+    assert steps and all(name.startswith("step_") for name in steps)  # no half-written checkpoint
+    last = metrics(out)[-1]
+    assert all(v == v and abs(v) != float("inf") for v in last.values())  # only finite steps were logged
