@@ -377,10 +377,11 @@ def units_of(args: argparse.Namespace, batch, num_units: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def token_logps(model: Transformer, batch) -> torch.Tensor:
-    """log π(target) per token, fp32 [T], 0 where targets == -100 (computed inside the FSDP root forward)."""
+def token_logps(model: Transformer, batch, **options) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log π(target) per token, fp32 [T], 0 where targets == -100 (computed inside the FSDP root forward);
+    `options`: the forward's temperature / return_entropy."""
     return model(batch.tokens, batch.cu_seqlens, positions=batch.positions, max_seqlen=batch.max_seqlen,
-                 targets=batch.targets)
+                 targets=batch.targets, **options)
 
 
 def pair_logps(logp: torch.Tensor, batch) -> tuple[torch.Tensor, ...]:
@@ -482,7 +483,8 @@ def sync_copy(model, copy: Transformer) -> None:
 
 @torch.no_grad()
 def evaluate_shards(copy: Transformer, tok: Tokenizer, problems: list, args, d: Dist) -> dict:
-    """pass@1 of `problems` (each rank samples its share i::world), with the mean response length."""
+    """pass@1 of `problems` (each rank samples its share i::world) and the mean completion length in
+    characters."""
     mine = problems[d.rank :: d.world]
     result = (
         evaluate(copy, tok, mine, n=args.eval_n, temperature=args.eval_temperature, top_p=1.0,
@@ -520,7 +522,7 @@ class Rollouts:
         return [(self.seqs[i], self.masks[i])]
 
     def old_logps(self, units: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([self.old[i] for i in units])) if units else torch.zeros(1)
+        return torch.from_numpy(np.concatenate([self.old[i] for i in units]))
 
 
 def rollout_temperature(args, step: int) -> float:
@@ -657,9 +659,7 @@ def grpo_update(args, model, ref_model, rollouts: Rollouts, advantages: torch.Te
     for i, unit_bin in enumerate(bins):
         model.set_requires_gradient_sync(i == len(bins) - 1)
         batch = collate(rollouts, unit_bin).to(d.device)
-        inputs = dict(positions=batch.positions, max_seqlen=batch.max_seqlen, targets=batch.targets,
-                      temperature=temperature)
-        logp, entropy = model(batch.tokens, batch.cu_seqlens, **inputs, return_entropy=True)
+        logp, entropy = token_logps(model, batch, temperature=temperature, return_entropy=True)
         if not unit_bin:
             (logp.sum() * 0).backward()
             continue
@@ -668,7 +668,7 @@ def grpo_update(args, model, ref_model, rollouts: Rollouts, advantages: torch.Te
         ref = None
         if ref_model is not None:
             with torch.no_grad():
-                ref = ref_model(batch.tokens, batch.cu_seqlens, **inputs)
+                ref = token_logps(ref_model, batch, temperature=temperature)
         seq_advantages = advantages[batch.doc_index.cpu()].to(d.device)
         loss, stats = grpo_loss(logp, old, seq_advantages, batch.seq_id, mask, ref_logps=ref,
                                 beta=args.kl_beta, eps_low=args.eps_low, eps_high=args.eps_high,
@@ -853,9 +853,9 @@ def offline_step(
     micro = sampler.next_step()
     batches = [collate(dataset, units) for units in micro]
     local = sum(units_of(args, b, len(u)) for b, u in zip(batches, micro, strict=True))
-    total_units = torch.tensor([float(local)], device=d.device)
-    dist.all_reduce(total_units)
-    total_units = max(float(total_units.item()), 1.0)
+    total_units = torch.tensor(float(local), device=d.device)
+    dist.all_reduce(total_units)  # stays on the device: the step's one host sync is in optimizer_step
+    total_units = total_units.clamp(min=1.0)
     sums = dict.fromkeys(STATS["sft" if args.objective == "sft" else "pairs"], 0.0)  # same keys on every rank
     flops = 0.0
     for i, (batch, units) in enumerate(zip(batches, micro, strict=True)):
@@ -1100,9 +1100,10 @@ def embedded(args: argparse.Namespace, argv: list[str]) -> dict:
 
     d = setup_distributed()
     root = args.out or Path("runs/embedded")
-    task = build_task(root / "task", **EMBEDDED_TASK) if d.main else None
+    if d.main:  # rank 0 writes the task; the others then read it (a cache hit by its manifest)
+        build_task(root / "task", **EMBEDDED_TASK)
     dist.barrier()
-    task = build_task(root / "task", **EMBEDDED_TASK)  # the manifest makes this a cache hit on every rank
+    task = build_task(root / "task", **EMBEDDED_TASK)
     common = ["--model", "tiny", "--tokenizer", str(task["tokenizer"]), "--seed", str(args.seed),
               "--eval-data", str(task["test"])]
     user = strip_flags(argv, {"--compare": 0, "--no-compare": 0, "--out": 1})
