@@ -4,6 +4,8 @@
     logp = linear_logprobs(hidden[N,H], weight[V,H], targets[N], temperature=1.0)  # fp32 [N]
     logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True)      # + fp32 entropy [N]
     loss = linear_cross_entropy(hidden, weight, targets, reduction="mean")         # fp32 scalar
+    loss, logp = linear_cross_entropy(hidden, weight, targets, reduction="sum",    # Σ w·(−logp), + the
+                                      row_weights=w, return_logprobs=True)         # detached logp [N]
     loss = cross_entropy(logits[N,V], targets[N])                                  # fp32 per-token [N]
 
 Rows whose target is −100 give 0 and no gradient. Each call dispatches once: the Triton path when the
@@ -11,7 +13,8 @@ tensors are on CUDA (`kernels/linear_logprobs.py`, `kernels/cross_entropy.py`), 
 fallback of `kernels/reference.py` otherwise. Costs of the CUDA path (N rows, H hidden, V vocabulary):
 
     linear_logprobs        4 GEMMs (8·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·N·H (fp32 dH)
-    linear_cross_entropy   3 GEMMs (6·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·V·H (fp32 dW)
+    linear_cross_entropy   3 GEMMs (6·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·V·H (fp32 dW);
+                           the row weights w must be known at forward time (they are constants)
     cross_entropy          one read of the logits forward, one read + one write backward
 """
 
@@ -49,16 +52,21 @@ def linear_cross_entropy(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """fp32 scalar −Σ logp over non-ignored rows (`sum`) or its mean over them (`mean`).
+    row_weights: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """fp32 scalar −Σ w_i·logp_i over non-ignored rows (`sum`) or its mean over them (`mean`), w_i =
+    row_weights (constants, any sign; default 1); + detached per-row logp / entropy when asked.
 
-    Unlike `linear_logprobs(...).sum()`, the CUDA path computes dH and dW in the forward (3 GEMMs, not 4):
-    use it for SFT / mid-training token means."""
+    Unlike `linear_logprobs(...)` and a loss on top, the CUDA path computes dH and dW in the forward (3
+    GEMMs, not 4): use it for every loss whose gradient per log-prob is known before the forward (SFT and
+    mid-training token means, REDI, on-policy GRPO)."""
+    options = dict(temperature=temperature, reduction=reduction, row_weights=row_weights,
+                   return_logprobs=return_logprobs, return_entropy=return_entropy)
     if hidden.is_cuda:
-        return linear_cross_entropy_triton(
-            hidden, weight, targets, temperature=temperature, reduction=reduction
-        )
-    return linear_cross_entropy_chunked(hidden, weight, targets, temperature=temperature, reduction=reduction)
+        return linear_cross_entropy_triton(hidden, weight, targets, **options)
+    return linear_cross_entropy_chunked(hidden, weight, targets, **options)
 
 
 def cross_entropy(

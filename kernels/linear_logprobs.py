@@ -16,8 +16,10 @@ Per row i, z = h_i·Wᵀ / T (T the temperature), p = softmax(z), t = target (�
   Extra memory: forward ≤ chunk_bytes; backward ≤ chunk_bytes + 4·N·H (fp32 dH) + min(chunk_bytes, 4·cols·H)
   (fp32 dW slice before its cast) + 8·N (lse, H saved for backward).
 
-`linear_cross_entropy_triton` (scalar loss −Σ logp or its mean over valid rows; 3 GEMMs = 6·N·H·V):
-  the gradient is known up to the upstream scalar at forward time, so the forward does it all, in row chunks:
+`linear_cross_entropy_triton` (scalar loss −Σ w_i·logp_i or its mean over valid rows; 3 GEMMs = 6·N·H·V):
+  with the row weights w known at forward time (1 for SFT; any loss linear in the log-probs, such as REDI or
+  on-policy GRPO, is such a weighted sum) the gradient is known up to the upstream scalar, so the forward
+  does it all, in row chunks:
   logits[rows, V] → lse + loss (one read) → ∂/∂x in place (one read + one write) → dH_rows = ∂·W
   (fp32 out, cast) and dW += ∂ᵀ·h_rows into an fp32 [V, H] accumulator; backward only scales dH and dW.
   Extra memory: chunk_bytes + 4·V·H (fp32 dW; 0.87 GiB for 151936×1536, 2.3 GiB for 200064×3072) held
@@ -165,11 +167,12 @@ def linear_logprobs_triton(
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """3-GEMM scalar cross-entropy: dH and dW computed in the forward, scaled in backward (see module doc)."""
+    """3-GEMM weighted cross-entropy: dH and dW computed in the forward, scaled in backward (see module doc).
+    Outputs: the loss, and detached per-row log-probs and entropies (for logging)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, reduction, chunk_bytes, block_v, num_warps,
-                with_grad):
+    def forward(ctx, hidden, weight, targets, row_weights, temperature, reduction, return_entropy,
+                chunk_bytes, block_v, num_warps, with_grad):
         n, vocab = hidden.shape[0], weight.shape[0]
         # needs_input_grad is set even under torch.no_grad(): with_grad says whether a backward can follow
         need_hidden, need_weight = (with_grad and need for need in ctx.needs_input_grad[:2])
@@ -178,9 +181,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             scale = 1.0 / n_valid.clamp(min=1).float()
         else:
             scale = hidden.new_ones((), dtype=torch.float32)
-        minus_scale = -scale  # ∂loss/∂logp_i for every valid row
+        minus_scale = -scale * row_weights  # ∂loss/∂logp_i of the valid rows: [N], or 0-dim unweighted
         lse = hidden.new_empty(n, dtype=torch.float32)
         losses = torch.empty_like(lse)
+        entropy = torch.empty_like(lse) if return_entropy else None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight32 = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
         rows = rows_per_chunk(n, vocab, hidden.element_size(), chunk_bytes)
@@ -190,11 +194,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:stop], targets[start:stop]
             logits = buffer[: (stop - start) * vocab].view(stop - start, vocab)
             torch.mm(h, weight.T, out=logits)
-            row_logsumexp(logits, t, lse[start:stop], losses[start:stop], logit_scale=1.0 / temperature,
+            row_logsumexp(logits, t, lse[start:stop], losses[start:stop],
+                          None if entropy is None else entropy[start:stop], logit_scale=1.0 / temperature,
                           out_sign=-1.0, block_v=block_v, num_warps=num_warps)
             if not (need_hidden or need_weight):
                 continue
-            row_softmax_grad(logits, logits, t, lse[start:stop], minus_scale, logit_scale=1.0 / temperature,
+            g = minus_scale[start:stop] if minus_scale.dim() else minus_scale
+            row_softmax_grad(logits, logits, t, lse[start:stop], g, logit_scale=1.0 / temperature,
                              grad_scale=1.0 / temperature, block_v=block_v, num_warps=num_warps)
             if need_hidden:
                 grad_hidden[start:stop] = mm_fp32(logits, weight)
@@ -202,16 +208,19 @@ class LinearCrossEntropy(torch.autograd.Function):
                 addmm_fp32_(grad_weight32, logits.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight32)
         ctx.weight_dtype = weight.dtype
-        return losses.sum() * scale
+        loss = (losses * row_weights).sum() * scale
+        extras = (-losses,) if entropy is None else (-losses, entropy)  # logp[, entropy]: for logging only
+        ctx.mark_non_differentiable(*extras)
+        return loss, *extras
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_):
         grad_hidden, grad_weight32 = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = (grad_hidden.float() * grad_loss).to(grad_hidden.dtype)
         if grad_weight32 is not None:
             grad_weight32 = grad_weight32.mul_(grad_loss.float()).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight32, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight32, *([None] * 9)
 
 
 def linear_cross_entropy_triton(
@@ -221,14 +230,32 @@ def linear_cross_entropy_triton(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
+    row_weights: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    return_entropy: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
     block_v: int = BLOCK_V,
     num_warps: int = NUM_WARPS,
-) -> torch.Tensor:
-    """fp32 scalar −Σ log softmax(h·Wᵀ/T)[t] over rows with t ≠ −100 (`sum`), or its mean over them."""
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """fp32 scalar Σ_i w_i·(−log softmax(h·Wᵀ/T)[t_i]) over rows with t_i ≠ −100 (`sum`), or that divided
+    by their count (`mean`); w = row_weights (constants, any sign; default 1). With return_logprobs /
+    return_entropy also the detached fp32 per-row log-probs / entropies, in that order."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     _check(hidden, weight, targets)
+    if row_weights is None:
+        row_weights = hidden.new_ones((), dtype=torch.float32)
+    elif row_weights.shape != targets.shape:
+        raise ValueError(f"row_weights must be [N] = [{targets.shape[0]}], got {tuple(row_weights.shape)}")
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
-                                    float(temperature), reduction, chunk_bytes, block_v, num_warps, with_grad)
+    out = LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
+                                   row_weights.detach().float().contiguous(), float(temperature), reduction,
+                                   return_entropy, chunk_bytes, block_v, num_warps, with_grad)
+    return _select_outputs(out, return_logprobs, return_entropy)
+
+
+def _select_outputs(out: tuple, return_logprobs: bool, return_entropy: bool):
+    """(loss, logp[, entropy]) -> what the caller asked for: the loss, then logp and/or entropy."""
+    loss, logp, *entropy = out
+    extras = ([logp] if return_logprobs else []) + (entropy if return_entropy else [])
+    return (loss, *extras) if extras else loss

@@ -152,13 +152,23 @@ def linear_cross_entropy_chunked(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
+    row_weights: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    return_entropy: bool = False,
     chunk_rows: int | None = None,
-) -> torch.Tensor:
-    """−Σ logp over non-ignored rows (`sum`), or that divided by their count (`mean`, 0 when none)."""
-    total = -linear_logprobs_chunked(
-        hidden, weight, targets, temperature=temperature, chunk_rows=chunk_rows
-    ).sum()
-    return _reduce(total, targets, reduction)
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """−Σ w_i·logp_i over non-ignored rows (`sum`), or that divided by their count (`mean`, 0 when none);
+    w = row_weights (constants, default 1). With return_logprobs / return_entropy also the detached
+    per-row log-probs / entropies, in that order."""
+    if row_weights is not None and row_weights.shape != targets.shape:
+        raise ValueError(f"row_weights must be [N] = [{targets.shape[0]}], got {tuple(row_weights.shape)}")
+    out = linear_logprobs_chunked(hidden, weight, targets, temperature=temperature,
+                                  return_entropy=return_entropy, chunk_rows=chunk_rows)
+    logp, entropy = out if return_entropy else (out, None)
+    weighted = logp if row_weights is None else logp * row_weights.detach().float()
+    loss = _reduce(-weighted.sum(), targets, reduction)
+    extras = ([logp.detach()] if return_logprobs else []) + ([entropy.detach()] if return_entropy else [])
+    return (loss, *extras) if extras else loss
 
 
 def _reduce(total: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -207,6 +207,49 @@ def test_linear_cross_entropy_vs_float64(name, reduction, dtype):
 
 
 @pytest.mark.parametrize("name", LINEAR_CROSS_ENTROPY_NAMES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_linear_cross_entropy_vs_float64(name, reduction, dtype):
+    """Σ w_i·(−logp_i) with weights of both signs (REDI's chosen and rejected rows), and the detached
+    per-row log-probs and entropies it returns beside the loss."""
+    fn = LINEAR_CROSS_ENTROPY[name]
+    h, w, targets, row_weights, _ = random_problem(13, 1037, 48, dtype, 0.3, seed=17)
+    row_weights = row_weights.float()
+
+    def grads(f, dt):
+        hh, ww = h.detach().to(dt).requires_grad_(True), w.detach().to(dt).requires_grad_(True)
+        loss, logp, ent = f(hh, ww, targets)
+        (loss.double() * 0.37).backward()
+        return loss, logp, ent, hh.grad, ww.grad
+
+    def reference(hh, ww, t):
+        logp, ent = linear_logprobs_reference(hh, ww, t, temperature=0.7, return_entropy=True)
+        total = -(logp * row_weights.double()).sum()
+        return (total if reduction == "sum" else total / (t != IGNORE_INDEX).sum()), logp, ent
+
+    loss, logp, ent, dh, dw = grads(lambda hh, ww, t: fn(
+        hh, ww, t, temperature=0.7, reduction=reduction, row_weights=row_weights, return_logprobs=True,
+        return_entropy=True), dtype)
+    rloss, rlogp, rent, rdh, rdw = grads(reference, torch.float64)
+    atol, rtol = TOLERANCES[dtype]
+    if atol is None:
+        atol = 2**-8 * (h.double() @ w.double().T / 0.7).abs().max().item()
+    assert loss.dtype == logp.dtype == ent.dtype == torch.float32 and loss.shape == ()
+    assert not logp.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(loss.double(), rloss, atol=atol * (13 * 3 if reduction == "sum" else 3),
+                               rtol=rtol)
+    torch.testing.assert_close(logp.double(), rlogp.detach(), atol=atol, rtol=0)
+    torch.testing.assert_close(ent.double(), rent.detach(), atol=2 * atol, rtol=0)
+    assert_rel_close(dh, rdh, rtol, "dH")
+    assert_rel_close(dw, rdw, rtol, "dW")
+    assert (dh[targets == IGNORE_INDEX] == 0).all()
+    only_loss = fn(h, w, targets, temperature=0.7, reduction=reduction, row_weights=row_weights)
+    assert isinstance(only_loss, torch.Tensor) and only_loss.shape == ()
+    with pytest.raises(ValueError, match="row_weights"):
+        fn(h, w, targets, row_weights=row_weights[:-1])
+
+
+@pytest.mark.parametrize("name", LINEAR_CROSS_ENTROPY_NAMES)
 def test_linear_cross_entropy_all_ignored_mean_is_zero(name):
     h, w, _, *_ = random_problem(4, 1000, 16, torch.float32, 0.0, seed=8)
     h.requires_grad_(True), w.requires_grad_(True)
