@@ -40,7 +40,9 @@ Benchmarks (--benchmark, several allowed, `all` = the five REDI ones): a name re
 a path to a JSONL file; `hub:owner/name` to that hub dataset's test split (needs network and
 huggingface_hub).
 
-From code (train.py): `from eval import evaluate` (no side effects on import).
+From code: `from eval import evaluate, evaluate_shards, load_problems` (no side effects on import); training's
+in-run evaluation is `evaluate_shards` on `load_problems(--eval-data)` with that benchmark's prompt suffix, so
+a model scores the same on the same problems through train.py and through eval.py.
 """
 
 from __future__ import annotations
@@ -58,13 +60,12 @@ from pathlib import Path
 
 import torch
 
+from data import prompts
 from data.benchmarks import BENCHMARKS, Problem, benchmark_path, load_benchmark
 from data.recipes.openr1 import select_chosen_rejected
 from data.rewards import answer_text, extract_boxed, math_reward
 from model.generate import generate
 
-DEFAULT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-THINK_PREFIX = "<think>\n"  # what Tokenizer.encode_prompt(think_prefix=True) appends
 # hub datasets for users with network and no local copy (hub:owner/name picks another)
 HUB_DATASETS = {
     "math500": "HuggingFaceH4/MATH-500",
@@ -175,21 +176,6 @@ class EvalResult:
 # ---- sampling and grading ------------------------------------------------------------------------------
 
 
-def user_message(problem: str, prompt_suffix: str = "") -> str:
-    return f"{problem}\n{prompt_suffix}" if prompt_suffix else problem
-
-
-def stop_token_ids(tok, model_dir: str | os.PathLike | None = None) -> list[int]:  # noqa: ANN001
-    """tok.eos_id, the template's end-of-turn token (tok.stop_ids), and generation_config.json's
-    eos_token_id (an int or a list) when `model_dir` has one."""
-    ids = [tok.eos_id, *getattr(tok, "stop_ids", ())]
-    config = Path(model_dir) / "generation_config.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return list(dict.fromkeys(int(i) for i in ids))
-
-
 def sample_completions(
     model,  # noqa: ANN001 (model.Transformer)
     tok,  # noqa: ANN001 (data.tokenizer.Tokenizer)
@@ -208,23 +194,13 @@ def sample_completions(
     compile: bool = False,
 ) -> list[list[str]]:
     """n completion texts per problem (the stop token removed; "<think>\\n" in front with think_prefix)."""
-    stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tok)
-    messages = [[{"role": "user", "content": user_message(p, prompt_suffix)}] for p in problems]
-    prompts = [tok.encode_prompt(m, think_prefix=think_prefix) for m in messages]
-    gen = generate(model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
-                   top_k=top_k, eos_ids=stop_ids, generator=generator, compile=compile, batch_size=batch_size)
-    texts = [completion_text(tok, tokens, finished, stop_ids, think_prefix)
+    stop = list(stop_ids) if stop_ids is not None else prompts.stop_ids(tok)
+    ids = [prompts.problem_prompt(tok, p, suffix=prompt_suffix, think_prefix=think_prefix) for p in problems]
+    gen = generate(model, ids, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
+                   top_k=top_k, eos_ids=stop, generator=generator, compile=compile, batch_size=batch_size)
+    texts = [prompts.completion_text(tok, tokens, finished, stop, think_prefix)
              for tokens, finished in zip(gen.tokens, gen.finished, strict=True)]
     return [texts[i * n:(i + 1) * n] for i in range(len(problems))]
-
-
-def completion_text(tok, tokens: Sequence[int], finished: bool, stop_ids: Sequence[int],  # noqa: ANN001
-                    think_prefix: bool) -> str:
-    """The text math_reward grades: the stop token dropped, "<think>\\n" in front with think_prefix (the
-    prompt ended with it)."""
-    if finished and tokens and tokens[-1] in stop_ids:
-        tokens = tokens[:-1]
-    return (THINK_PREFIX if think_prefix else "") + tok.decode(tokens)
 
 
 def evaluate(
@@ -273,13 +249,41 @@ def evaluate(
     return EvalResult(results)
 
 
+def evaluate_shards(
+    model,  # noqa: ANN001
+    tok,  # noqa: ANN001
+    problems: Sequence[Problem],
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    **options,
+) -> EvalResult:
+    """`evaluate` split over the ranks of a process group: rank r samples problems r::world (seed + r) and
+    every rank gets the whole EvalResult back, in the problems' order. What training calls for in-run and
+    end-of-stage evaluation; `options` are evaluate's (n, temperature, prompt_suffix, ...)."""
+    import torch.distributed as dist
+
+    mine = list(problems[rank::world])
+    local = evaluate(model, tok, mine, seed=seed + rank, progress=False, **options).problems if mine else []
+    if world == 1:
+        return EvalResult(local)
+    shards: list = [None] * world
+    dist.all_gather_object(shards, local)
+    ordered = [None] * len(problems)
+    for r, shard in enumerate(shards):
+        ordered[r::world] = shard
+    return EvalResult(ordered)
+
+
 def preference_pairs(results: Sequence[ProblemResult], prompt_suffix: str = "") -> list[dict]:
     """{"id", "prompt", "chosen", "rejected"} for each problem with a correct and an incorrect completion."""
     pairs = []
     for r in results:
         chosen, rejected = select_chosen_rejected([reward == 1.0 for reward in r.rewards])
         if chosen is not None and rejected is not None:
-            pairs.append({"id": r.id, "prompt": user_message(r.problem, prompt_suffix),
+            pairs.append({"id": r.id, "prompt": prompts.user_message(r.problem, prompt_suffix),
                           "chosen": r.completions[chosen], "rejected": r.completions[rejected]})
     return pairs
 
@@ -290,16 +294,16 @@ def preference_pairs(results: Sequence[ProblemResult], prompt_suffix: str = "") 
 def load_problems(spec: str) -> tuple[str, list[Problem], str]:
     """--benchmark item -> (name, problems, default prompt suffix)."""
     if spec.startswith("hub:"):
-        return spec, load_benchmark(_download_hub_benchmark(spec[4:])), DEFAULT_SUFFIX
+        return spec, load_benchmark(_download_hub_benchmark(spec[4:])), prompts.default_suffix(True)
     path = benchmark_path(spec)
     if spec in BENCHMARKS:
         if not path.is_file():
             path = _download_hub_benchmark(HUB_DATASETS[spec])
-        return spec, load_benchmark(path), DEFAULT_SUFFIX
+        return spec, load_benchmark(path), prompts.default_suffix(True)
     if not path.is_file():
         raise FileNotFoundError(f"--benchmark {spec}: not a benchmark name ({', '.join(BENCHMARKS)}, all), "
                                 "not a file, not hub:owner/name")
-    return spec, load_benchmark(path), ""
+    return spec, load_benchmark(path), prompts.default_suffix(False)
 
 
 def _download_hub_benchmark(repo: str) -> Path:
@@ -422,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model = Transformer.from_pretrained(args.model, dtype=getattr(torch, dtype), device=args.device)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    stop_ids = stop_token_ids(tok, args.model)
+    stop_ids = prompts.stop_ids(tok, args.model)
     last_save = time.monotonic()
 
     for name, problems, default_suffix in benchmarks:

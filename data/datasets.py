@@ -60,6 +60,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from data.prompts import user_message
 from data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -326,14 +327,14 @@ def pair_example(record, where: str) -> tuple[list[dict], list[dict], list[dict]
     return prompt, sides["chosen"], sides["rejected"]
 
 
-def rl_example(record, where: str, tok: Tokenizer, prompt_template: str, think_prefix: bool,
+def rl_example(record, where: str, tok: Tokenizer, prompt_suffix: str, think_prefix: bool,
                template_kwargs: dict) -> RLExample:
     if not isinstance(record, dict):
         raise BadRecord(f"{where}: expected a JSON object, got {_kind(record)}")
     name = "problem" if record.get("problem") is not None else "prompt"
     value = record.get(name)
     if isinstance(value, str):
-        problem, messages = value, [{"role": "user", "content": prompt_template.replace("{problem}", value)}]
+        problem, messages = value, [{"role": "user", "content": user_message(value, prompt_suffix)}]
     elif isinstance(value, list):
         messages = _messages(value, where, name, None)
         users = [m["content"] for m in messages if m["role"] == "user"]
@@ -475,17 +476,17 @@ def load_pairs(path: str | os.PathLike, tok: Tokenizer, *, max_len: int | None =
 
 
 def load_rl(path: str | os.PathLike, tok: Tokenizer, *, max_prompt_len: int | None = None,
-            think_prefix: bool = False, skip_bad: bool = False, prompt_template: str = "{problem}",
+            think_prefix: bool = False, skip_bad: bool = False, prompt_suffix: str = "",
             template_kwargs: dict | None = None) -> RLDataset:
     """RL problems: RLExample(prompt_ids, problem, answer), prompt_ids = tok.encode_prompt of one user
-    message, prompt_template with "{problem}" replaced by the problem (a message-list prompt is used as is).
+    message, data.prompts.user_message(problem, prompt_suffix) (a message-list prompt is used as is).
     Prompts longer than max_prompt_len are dropped. Prompts are short: no cache, no workers."""
     files, counts, bad, examples = data_files(path), Counter(), [], []
     for _, where, form, payload in read_records(files):
         counts["read"] += 1
         try:
             record = _parse_json(payload, where) if form == "json" else payload
-            example = rl_example(record, where, tok, prompt_template, think_prefix, template_kwargs or {})
+            example = rl_example(record, where, tok, prompt_suffix, think_prefix, template_kwargs or {})
         except BadRecord as e:
             _bad_record(e, skip_bad, counts, bad)
             continue

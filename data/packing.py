@@ -177,6 +177,14 @@ class StepSampler:
         self._advance()
         return units
 
+    def planned_units(self, num_steps: int) -> np.ndarray:
+        """Every unit the next `num_steps` steps take, in order (the sampler is not advanced)."""
+        epoch, step, taken = self.epoch, self.step, []
+        for _ in range(num_steps):
+            taken.append(self.step_units(epoch, step))
+            epoch, step = (epoch + 1, 0) if step + 1 == self.steps_per_epoch else (epoch, step + 1)
+        return np.concatenate(taken) if taken else np.zeros(0, dtype=np.int64)
+
     def _advance(self) -> None:
         self.step += 1
         if self.step == self.steps_per_epoch:

@@ -49,7 +49,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-THINK_PREFIX = "<think>\n"
+from data.prompts import THINK_PREFIX
+
 # The files that make a tokenizer directory: read, and copied by save_pretrained, when present.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",

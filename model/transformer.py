@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import linear_logprobs
+from kernels import linear_cross_entropy, linear_logprobs
 from model.attention import attention
 from model.config import ModelConfig
 from model.hf import load_hf_weights, resolve_checkpoint, save_hf
@@ -153,7 +153,8 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         temperature: float = 1.0,
         return_entropy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """tokens [T] packed (cu_seqlens int32 [D+1]; [T] alone is one sequence) or [B, T] -> hidden [..., H].
 
         positions: [T] (packed or shared by the batch) or [B, T]; default: restart at 0 in each document.
@@ -161,7 +162,16 @@ class Transformer(nn.Module):
         targets: same shape as tokens (-100: no loss) -> instead of hidden, fp32 log π(target) per token
             (and the entropy with return_entropy) at `temperature`, by `kernels.linear_logprobs`: the logits
             are never materialised. Computing them inside forward lets FSDP gather the lm-head weight.
+        token_weights: with targets, constants w [T] -> (the fp32 scalar Σ_t w_t·(−log π(target_t)), the
+            detached log-probs [T][, the detached entropies]) by `kernels.linear_cross_entropy`, whose CUDA
+            path costs 3 lm-head GEMMs instead of 4: for losses linear in the log-probs (train.py).
         """
+        if targets is not None and token_weights is not None:
+            hidden = self.forward(tokens, cu_seqlens, positions=positions, max_seqlen=max_seqlen)
+            return linear_cross_entropy(hidden.flatten(0, -2), self.output_weight, targets.flatten(),
+                                        temperature=temperature, reduction="sum",
+                                        row_weights=token_weights.flatten(), return_logprobs=True,
+                                        return_entropy=return_entropy)
         if targets is not None:
             hidden = self.forward(tokens, cu_seqlens, positions=positions, max_seqlen=max_seqlen)
             out = linear_logprobs(hidden.flatten(0, -2), self.output_weight, targets.flatten(),

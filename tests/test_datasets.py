@@ -110,11 +110,11 @@ def test_rl_records(tok, tmp_path):
     records = [{"problem": "What is 3 + 4?", "answer": "7"}, {"problem": "Half of 9?", "answer": 4.5},
                {"prompt": chat("Sys?", "")[:1], "answer": 1}]
     problems = load_rl(write_jsonl(tmp_path / "rl.jsonl", records), tok,
-                       prompt_template="{problem} Put the answer in \\boxed{}.", think_prefix=True)
+                       prompt_suffix="Put the answer in \\boxed{}.", think_prefix=True)
     assert [(p.problem, p.answer) for p in problems] == [("What is 3 + 4?", "7"), ("Half of 9?", "4.5"),
                                                          ("Sys?", "1")]
     ids, problem, answer = problems[0]
-    user = [{"role": "user", "content": "What is 3 + 4? Put the answer in \\boxed{}."}]
+    user = [{"role": "user", "content": "What is 3 + 4?\nPut the answer in \\boxed{}."}]
     assert ids == tok.encode_prompt(user, think_prefix=True)
     short = load_rl(tmp_path / "rl.jsonl", tok, max_prompt_len=len(problems[2].prompt_ids))
     assert len(short) == 1 and short.stats["dropped_prompt_too_long"] == 2

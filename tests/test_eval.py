@@ -151,3 +151,40 @@ def test_evaluate_from_code(task):
     texts = evaluation.sample_completions(model, tok, ["What is 1 + 1?"], n=2, temperature=0.0, top_p=1.0,
                                           max_new_tokens=12, batch_size=2, generator=None, think_prefix=True)
     assert len(texts) == 1 and texts[0][0] == texts[0][1] and texts[0][0].startswith("<think>\n")
+
+
+@pytest.mark.parametrize("source", ["math500", "file"])
+def test_training_evaluation_is_eval_py_evaluation(tmp_path, source):
+    """train.py's in-run evaluation (--eval-data) samples the prompts eval.py samples, the boxed-answer
+    suffix of a named benchmark included (it once dropped it), so a model scores the same through both."""
+    import torch
+
+    import train
+    from conftest import BENCHMARKS, require
+    from data.prompts import BOXED_INSTRUCTION
+    from eval import evaluate_shards
+    from model import ModelConfig, Transformer
+
+    spec = str(require(BENCHMARKS / "math500.jsonl")) if source == "file" else "math500"
+    require(BENCHMARKS / "math500.jsonl")
+    texts = ["What is $x$? \\boxed{2} Please reason step by step, and put your final answer within."] * 4
+    backend = train_tokenizer(texts, 300)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    backend.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(backend)))
+    model = Transformer(ModelConfig.preset("tiny"))
+    model.init_weights(torch.Generator().manual_seed(1))
+    model.save_pretrained(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)
+    report = evaluation.main(["--model", str(model_dir), "--benchmark", spec, "--limit", "3", "--n", "2",
+                              "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "6", "--seed", "4",
+                              "--out", str(tmp_path / "eval.json"), "--no-progress"])
+    args = train.parse_args(["--eval-data", spec, "--eval-limit", "3", "--eval-n", "2", "--eval-temperature",
+                             "1.0", "--eval-max-new-tokens", "6", "--eval-every", "1"])
+    problems, options = train.eval_settings(args)
+    assert options["prompt_suffix"] == (BOXED_INSTRUCTION if source == "math500" else "")
+    ours = evaluate_shards(model, tok, problems, seed=4 * 1_000_003, **options)
+    theirs = next(iter(report["benchmarks"].values()))["problems"]
+    assert [p.completions for p in ours.problems] == [p["completions"] for p in theirs]
+    assert [p.rewards for p in ours.problems] == [p["rewards"] for p in theirs]

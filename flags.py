@@ -1,0 +1,179 @@
+"""train.py's flags, and the one way a run's configuration is put together:
+
+    the flags' defaults  ←  --recipe NAME (recipes/NAME.toml)  ←  --config FILE (TOML)  ←  the flags given
+
+each overriding the one before; a pair objective's own defaults (losses.PAIR_OBJECTIVES, e.g. DPO's β 0.1)
+fill what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
+`batch_size = 32`); an unknown name is an error that names the file. The embedded default
+(embedded.py) builds every stage the same way, its stage recipes as the layer between the defaults and the
+flags: `resolve(given_flags(argv), recipe("embedded-sft"))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+from losses import PAIR_OBJECTIVES
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
+    p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())})")
+    p.add_argument("--config", type=Path, help="a TOML file of flag values (names with - or _); flags win")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="HF dir, hub name or preset (tiny, qwen2.5-1.5b, ...); default: --init's "
+                   "config, else tiny")
+    g.add_argument("--init", help="HF checkpoint to start from (default: random init of --model)")
+    g.add_argument("--tokenizer", help="tokenizer dir (default: --init, else --model)")
+    g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none: the embedded default")
+    g.add_argument("--out", type=Path, help="run directory (default: runs/<objective>)")
+    g.add_argument("--rope-theta", type=float, help="override the model's rope_theta")
+    g.add_argument("--max-position-embeddings", type=int, help="override the model's max positions")
+    g.add_argument("--max-len", type=int, default=4096, help="longest example (prompt + completion), tokens")
+    g.add_argument("--max-prompt-len", type=int, help="drop examples with longer prompts (REDI: 800)")
+    g.add_argument("--truncation", choices=("drop", "keep_end", "keep_start"), default="drop",
+                   help="what to do with examples longer than --max-len")
+    g.add_argument("--think-prefix", action=argparse.BooleanOptionalAction, default=False,
+                   help="start the assistant turn with '<think>\\n' (in the prompt)")
+    g.add_argument("--prompt-suffix", help="text after each RL / eval problem (default: eval.py's rule, the "
+                   "boxed-answer instruction for named benchmarks, nothing for files)")
+    g.add_argument("--pack", choices=("examples", "stream"), default="examples",
+                   help="examples: whole examples per micro-batch; stream: concatenate, cut blocks")
+    g.add_argument("--block-len", type=int, default=4096, help="block length in stream mode")
+    g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows, not fail")
+    g.add_argument("--num-workers", type=int, default=0, help="tokenisation processes (0: in-process)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
+    g.add_argument("--warmup", type=float, default=0.0, help="warm-up steps, or a fraction (< 1) of all")
+    g.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine",
+                   help="decay after warm-up")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (or --max-steps)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    g.add_argument("--batch-size", type=int, default=32, help="examples (pairs; GRPO: prompts) per step, all "
+                   "ranks")
+    g.add_argument("--batch-tokens", type=int, default=16384, help="token budget of a micro-batch on a rank")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16"),
+                   help="fp32; bf16-mixed: fp32 params/optimiser, bf16 compute; bf16: everything bf16 "
+                   "(default: bf16-mixed on CUDA, fp32 on CPU)")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
+    g = p.add_argument_group("objectives (losses/)")
+    g.add_argument("--alpha", type=float, default=0.8, help="redi: the rejected term's weight (1: symmetric)")
+    g.add_argument("--beta", type=float, help="dpo: β (default 0.1); simpo: β (default 2.0)")
+    g.add_argument("--gamma", type=float, default=1.0, help="simpo: target margin γ")
+    g = p.add_argument_group("grpo (rollouts from the current weights; --batch-size counts prompts)")
+    g.add_argument("--group-size", type=int, default=8, help="completions sampled per prompt (G)")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="rollout length budget L_max")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (at step 0)")
+    g.add_argument("--temperature-end", type=float,
+                   help="anneal the temperature linearly to this value (Phi-4-mini-reasoning: 1.0 -> 0.6)")
+    g.add_argument("--anneal-steps", type=int, default=100, help="steps over which the temperature anneals")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    g.add_argument("--aggregation", choices=("grpo", "dapo", "dr_grpo"), default="grpo",
+                   help="how the per-token loss is averaged (losses/grpo.py)")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide advantages by the group's reward std (GRPO; Dr. GRPO: off)")
+    g.add_argument("--eps-low", type=float, default=0.2, help="lower clip ε_low")
+    g.add_argument("--eps-high", type=float, default=0.2, help="upper clip ε_high (DAPO clip-higher: 0.28)")
+    g.add_argument("--kl-beta", type=float, default=0.0, help="weight of the k3 KL to the initial policy")
+    g.add_argument("--wrong-reward", type=float, default=0.0, help="reward of a wrong answer (Phi: -1)")
+    g.add_argument("--overlong-cache", type=int, default=0,
+                   help="DAPO soft overlong penalty band, tokens before --max-new-tokens (0: off)")
+    g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop groups whose rewards are all equal, sample more prompts until --batch-size "
+                   "groups remain (DAPO; Phi's rebalancing)")
+    g.add_argument("--max-sampling-rounds", type=int, default=3, help="dynamic sampling: rounds per step")
+    g.add_argument("--updates-per-rollout", type=int, default=1,
+                   help="optimiser steps per rollout batch (its groups split in this many mini-batches; "
+                   "1: on-policy, ratio 1)")
+    g.add_argument("--filter-samples", type=int, default=0,
+                   help="prompt filtering: completions per prompt sampled from the initial model (0: off)")
+    g.add_argument("--filter-max-pass", type=float, default=0.9, help="drop prompts solved more often")
+    g.add_argument("--filter-min-pass", type=float, default=0.0, help="drop prompts solved less often")
+    g.add_argument("--rollout-batch-size", type=int, default=256, help="rows decoded at once per rank")
+    g = p.add_argument_group("evaluation during training (eval.py's evaluation)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
+    g.add_argument("--eval-data", help="problem/answer JSONL or benchmark name")
+    g.add_argument("--eval-limit", type=int, help="evaluate the first N problems only")
+    g.add_argument("--eval-n", type=int, default=1, help="samples per problem")
+    g.add_argument("--eval-temperature", type=float, default=0.0, help="eval temperature (0: greedy)")
+    g.add_argument("--eval-max-new-tokens", type=int, default=512, help="eval generation budget")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
+    g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
+    g = p.add_argument_group("the embedded default (no --data/--model/--init: embedded.py)")
+    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="train every pair objective from the same SFT weights and compare them")
+    g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
+    return p
+
+
+def objectives() -> tuple[str, ...]:
+    """sft, the pair objectives of losses.PAIR_OBJECTIVES, grpo."""
+    return ("sft", *PAIR_OBJECTIVES, "grpo")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def read_toml(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """A TOML file of flag values -> {dest: value}; an unknown key is an error naming the file."""
+    known = vars(parser.parse_args([]))
+    with open(path, "rb") as f:
+        values = tomllib.load(f)
+    unknown = [k for k in values if k.replace("-", "_") not in known]
+    if unknown:
+        raise SystemExit(f"{path}: unknown key {unknown[0]!r} (see python train.py --help)")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def recipe(name: str, parser: argparse.ArgumentParser | None = None) -> dict:
+    """recipes/<name>.toml as {dest: value}."""
+    path = RECIPES / f"{name}.toml"
+    if not path.is_file():
+        raise SystemExit(f"--recipe {name}: no {path} (recipes: {', '.join(recipe_names())})")
+    return read_toml(path, parser or build_parser())
+
+
+def given_flags(argv: list[str]) -> dict:
+    """Only the flags the command line sets, {dest: value} (validated and typed by the parser)."""
+    parser = build_parser()
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def resolve(given: dict, *layers: dict) -> argparse.Namespace:
+    """defaults ← --recipe ← each layer ← --config ← the flags given: the one configuration mechanism."""
+    parser = build_parser()
+    values = vars(parser.parse_args([]))
+    stack = [recipe(given["recipe"], parser)] if given.get("recipe") else []
+    stack += [*layers, read_toml(given["config"], parser) if given.get("config") else {}, given]
+    for layer in stack:
+        values.update(layer)
+    if values["objective"] in PAIR_OBJECTIVES:  # the objective's own defaults, unless set above
+        for key, value in PAIR_OBJECTIVES[values["objective"]].defaults.items():
+            if values[key] is None:
+                values[key] = value
+    return argparse.Namespace(**values)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return resolve(given_flags(sys.argv[1:] if argv is None else argv))

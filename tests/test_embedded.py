@@ -1,0 +1,98 @@
+"""The embedded default (embedded.py, `python train.py --objective ...` with no data), shrunk: every stage
+runs and is reused when unchanged, the flags a user gives reach the stage they name, and two fresh runs
+print the same table (bit-reproducible on one torch build and core count)."""
+
+import json
+
+import pytest
+import torch.distributed as dist
+
+import embedded
+import flags
+
+SMALL_TASK = {"n_train_problems": 48, "n_test_problems": 8}
+
+
+@pytest.fixture
+def shrunk(monkeypatch):
+    """A small task, and stages of 2 steps of 4 unless the test's own flags say otherwise."""
+    monkeypatch.setattr(embedded, "TASK", {**embedded.TASK, **SMALL_TASK})
+    stage_args = embedded.stage_args
+
+    def short(stage, user, paths):
+        return stage_args(stage, {"max_steps": 2, "batch_size": 4, **user}, paths)
+
+    monkeypatch.setattr(embedded, "stage_args", short)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(argv):
+    return embedded.main(argv)
+
+
+def test_every_stage_runs_and_unchanged_stages_are_reused(shrunk, tmp_path, capsys):
+    argv = ["--objective", "redi", "--out", str(tmp_path), "--eval-limit", "8"]
+    results = run(argv)
+    sft_weights = (tmp_path / "sft" / "hf" / "model.safetensors").stat().st_mtime_ns
+    again = run(argv)  # every stage's settings unchanged: all reused
+    assert list(results) == ["base (random init)", "sft", "redi", "dpo", "simpo"]
+    assert results == again
+    assert (tmp_path / "sft" / "hf" / "model.safetensors").stat().st_mtime_ns == sft_weights
+    table = (tmp_path / "results.md").read_text()
+    assert "| redi |" in table and "held-out accuracy on 8 synthetic problems" in table
+    assert "| simpo |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"] == results and saved["run"]["threads"] >= 1
+    for name, row in results.items():
+        assert set(row) == {"accuracy", "stderr", "problems"} and row["problems"] == 8, name
+
+
+def test_flags_reach_the_stage_they_name(shrunk, tmp_path):
+    """--objective sft with --max-steps/--save-every: the SFT stage trains 6 steps and saves at 3 (it once
+    trained its own 1000 steps and never saved)."""
+    run(["--objective", "sft", "--max-steps", "6", "--save-every", "3", "--out", str(tmp_path),
+         "--eval-limit", "4"])
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (tmp_path / "sft" / "ckpt").iterdir()) == ["step_00000003", "step_00000006"]
+    assert not (tmp_path / "redi").exists()
+
+
+def test_pair_flags_apply_to_every_compared_stage_but_objective_flags_stay_with_theirs():
+    given = flags.given_flags(["--objective", "redi", "--lr", "3e-5", "--alpha", "1.0", "--beta", "0.5",
+                               "--out", "x", "--seeds", "2"])
+    assert embedded.user_flags_for("redi", "redi", given) == {"lr": 3e-5, "alpha": 1.0, "beta": 0.5}
+    assert embedded.user_flags_for("dpo", "redi", given) == {"lr": 3e-5}
+    assert embedded.user_flags_for("sft", "redi", given) == {}
+    given = flags.given_flags(["--objective", "dpo", "--beta", "0.5"])
+    assert embedded.user_flags_for("dpo", "dpo", given) == {"beta": 0.5}
+    assert embedded.user_flags_for("simpo", "dpo", given) == {}
+
+
+def test_two_fresh_runs_print_the_same_table(shrunk, tmp_path, capsys):
+    argv = ["--objective", "redi", "--eval-limit", "8", "--max-steps", "3"]
+    first = run([*argv, "--out", str(tmp_path / "a")])
+    second = run([*argv, "--out", str(tmp_path / "b")])
+    assert first == second
+    for stage in ("sft", "redi", "dpo", "simpo"):
+        a = (tmp_path / "a" / stage / "hf" / "model.safetensors").read_bytes()
+        assert a == (tmp_path / "b" / stage / "hf" / "model.safetensors").read_bytes(), stage
+    out = capsys.readouterr().out
+    tables = [t for t in out.split("held-out accuracy") if t.strip()]
+    assert len(tables) == 2 and tables[0] == tables[1]
+
+
+def test_a_stage_trained_by_other_code_is_retrained(shrunk, tmp_path, monkeypatch):
+    """The stage cache once reused an SFT stage trained by older code, so the README's table and a fresh
+    clone's disagreed: the stamp holds the code's digest, and a change retrains."""
+    argv = ["--objective", "sft", "--out", str(tmp_path), "--eval-limit", "4"]
+    run(argv)
+    weights = tmp_path / "sft" / "hf" / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    run(argv)
+    assert weights.stat().st_mtime_ns == first  # same code, same settings: reused
+    monkeypatch.setattr(embedded, "code_digest", lambda: "another version of the code")
+    run(argv)
+    assert weights.stat().st_mtime_ns != first
