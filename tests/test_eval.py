@@ -158,9 +158,9 @@ def test_training_evaluation_is_eval_py_evaluation(tmp_path, source):
     """train.py's in-run evaluation (--eval-data) samples the prompts eval.py samples, the boxed-answer
     suffix of a named benchmark included (it once dropped it), so a model scores the same through both."""
     import torch
+    from conftest import BENCHMARKS, require
 
     import train
-    from conftest import BENCHMARKS, require
     from data.prompts import BOXED_INSTRUCTION
     from eval import evaluate_shards
     from model import ModelConfig, Transformer
@@ -178,7 +178,8 @@ def test_training_evaluation_is_eval_py_evaluation(tmp_path, source):
     model.save_pretrained(model_dir)
     tok = Tokenizer.from_pretrained(model_dir)
     report = evaluation.main(["--model", str(model_dir), "--benchmark", spec, "--limit", "3", "--n", "2",
-                              "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "6", "--seed", "4",
+                              "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "6",
+                              "--seed", "4",
                               "--out", str(tmp_path / "eval.json"), "--no-progress"])
     args = train.parse_args(["--eval-data", spec, "--eval-limit", "3", "--eval-n", "2", "--eval-temperature",
                              "1.0", "--eval-max-new-tokens", "6", "--eval-every", "1"])

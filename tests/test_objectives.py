@@ -37,8 +37,9 @@ def world():
 
 def args_for(task, objective: str, *extra: str):
     data = task["sft"] if objective == "sft" else task["rl"] if objective == "grpo" else task["pairs"]
-    return train.parse_args(["--objective", objective, "--model", "tiny", "--tokenizer", str(task["tokenizer"]),
-                             "--data", str(data), "--batch-size", "4", "--batch-tokens", "1000", *extra])
+    return train.parse_args(["--objective", objective, "--model", "tiny", "--tokenizer",
+                             str(task["tokenizer"]), "--data", str(data), "--batch-size", "4",
+                             "--batch-tokens", "1000", *extra])
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -94,7 +95,8 @@ def fixed_rollouts(groups: int = 3, size: int = 4) -> tuple[Rollouts, torch.Tens
     g = torch.Generator().manual_seed(0)
     prompts, completions, logps = [], [], []
     for _ in range(groups):
-        prompt = torch.randint(0, VOCAB, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+        length = int(torch.randint(3, 12, (1,), generator=g))
+        prompt = torch.randint(0, VOCAB, (length,), generator=g).tolist()
         for _ in range(size):
             n = int(torch.randint(2, 20, (1,), generator=g))
             prompts.append(prompt)
@@ -167,7 +169,8 @@ def test_a_pair_objective_added_in_losses_alone_trains(task, tmp_path, monkeypat
         lambda p, hp: -F.logsigmoid(p.chosen / p.chosen_lens - p.rejected / p.rejected_lens).mean()))
     out = tmp_path / "toy"
     train.main(["--objective", "toy", "--model", "tiny", "--tokenizer", str(task["tokenizer"]), "--data",
-                str(task["pairs"]), "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2"])
+                str(task["pairs"]), "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--lr",
+                "1e-2"])
     import json
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -141,7 +141,8 @@ def test_grpo_runs_with_dynamic_sampling_and_eval(task, tmp_path):
     assert (out / "hf" / "config.json").exists()
 
 
-@pytest.mark.parametrize("aggregation,updates", [("grpo", "2"), ("dapo", "2"), ("dr_grpo", "2"), ("grpo", "1")])
+@pytest.mark.parametrize("aggregation,updates",
+                         [("grpo", "2"), ("dapo", "2"), ("dr_grpo", "2"), ("grpo", "1")])
 def test_grpo_update_is_the_same_on_two_processes(aggregation, updates):
     def result(nproc: int) -> dict:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend",
