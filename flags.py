@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "config, else tiny")
     g.add_argument("--init", help="HF checkpoint to start from (default: random init of --model)")
     g.add_argument("--tokenizer", help="tokenizer dir (default: --init, else --model)")
+    g.add_argument("--chat-template", type=Path, help="a .jinja chat template instead of the tokenizer's "
+                   "(saved with the export), e.g. data/chat_templates/qwen2.5-math.jinja: Qwen2.5-Math's, "
+                   "which REDI trained with")
     g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none: the embedded default")
     g.add_argument("--out", type=Path, help="run directory (default: runs/<objective>)")
     g.add_argument("--rope-theta", type=float, help="override the model's rope_theta")
@@ -40,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, default=4096, help="longest example (prompt + completion), tokens")
     g.add_argument("--max-prompt-len", type=int, help="drop examples with longer prompts (REDI: 800)")
     g.add_argument("--truncation", choices=("drop", "keep_end", "keep_start"), default="drop",
-                   help="what to do with examples longer than --max-len")
+                   help="what to do with examples longer than --max-len (--length-rule truncate)")
+    g.add_argument("--length-rule", choices=("truncate", "redi"), default="truncate",
+                   help="truncate: --max-prompt-len drops, --truncation cuts at --max-len; redi: the REDI "
+                   "authors' filter (drop a prompt over --max-prompt-len or a completion over --max-len "
+                   "minus it, as they counted) and their trainer's cuts (data/datasets.py)")
+    g.add_argument("--completion-end", choices=("im_end", "eos"), default="im_end",
+                   help="the loss after an assistant's content: im_end: through the end-of-turn token; eos: "
+                   "the whole rendered turn plus an appended EOS, as REDI's TRL trainers (data/datasets.py)")
     g.add_argument("--think-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="start the assistant turn with '<think>\\n' (in the prompt)")
     g.add_argument("--prompt-suffix", help="text after each RL / eval problem (default: eval.py's rule, the "

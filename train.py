@@ -163,6 +163,7 @@ def load_data(args: argparse.Namespace, tok: Tokenizer, cache_dir: Path):
         return load_rl(args.data, tok, max_prompt_len=args.max_prompt_len, think_prefix=args.think_prefix,
                        skip_bad=args.skip_bad, prompt_suffix=args.prompt_suffix or "")
     common = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, truncation=args.truncation,
+                  length_rule=args.length_rule, completion_end=args.completion_end,
                   think_prefix=args.think_prefix, skip_bad=args.skip_bad, cache_dir=cache_dir,
                   num_workers=args.num_workers)
     if args.objective in PAIR_OBJECTIVES:
@@ -409,7 +410,7 @@ def setup(args: argparse.Namespace) -> Run:
     if args.data is None:
         raise SystemExit("train.py: --data is required with --model or --init (the embedded default needs "
                          "neither)")
-    tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model)
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model, args.chat_template)
     config = model_config(args)
     if tok.vocab_size > config.vocab_size:
         raise SystemExit(f"tokenizer has {tok.vocab_size} tokens, the model's vocab_size {config.vocab_size}")

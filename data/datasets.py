@@ -1,8 +1,8 @@
 """Dataset readers: SFT, preference-pair and RL files -> token arrays, tokenized once and cached on disk.
 
     ds = load_sft("sft.jsonl", tok, max_len=32768, cache_dir="runs/.cache")   # TokenizedDataset, kind "sft"
-    ds = load_pairs("pairs.jsonl", tok, max_len=32768, max_prompt_len=800, truncation="keep_end",
-                    think_prefix=True, cache_dir="runs/.cache", num_workers=8)  # REDI's rules
+    ds = load_pairs("pairs.jsonl", tok, max_len=19800, max_prompt_len=800, length_rule="redi",
+                    completion_end="eos", cache_dir="runs/.cache", num_workers=8)  # REDI's pipeline
     problems = load_rl("rl.jsonl", tok)                             # [RLExample(prompt_ids, problem, answer)]
 
 Files: a .jsonl (one record per line), a .json list of records, a .parquet (one record per row; pyarrow is
@@ -20,17 +20,48 @@ Records:
 A malformed record is an error naming file, line (JSONL, 1-based) or row/item (Parquet, JSON; 0-based) and
 field; with skip_bad=True it is counted and skipped instead (the first few are logged).
 
-Length rules, in tokens; prompt = the tokens before the first loss token, completion = the rest:
-  max_prompt_len  a longer prompt: the example is dropped (REDI: 800)
+Which tokens after an assistant message's content carry loss (completion_end; text documents: all, EOS
+appended, either way):
+  "im_end"  through the template's end-of-turn token (<|im_end|>), nothing appended; what the template
+            writes after it (ChatML's "\\n") stays in the sequence without loss. The model learns what
+            sampling stops at (our default).
+  "eos"     the whole rendered turn (content, <|im_end|>, "\\n") and then the tokenizer's EOS id, appended,
+            all with loss and all counted in |y|: the REDI authors' TRL pipeline.
+            Pairs (their trl/trainer/dpo2_trainer.py, tokenize_row): the prompt (the text through the
+            generation prompt) and the completion (the rest) are encoded apart, so no BPE merge crosses the
+            boundary (ChatML's "assistant\\n" followed by a completion starting with "\\n" would merge
+            into one "\\n\\n" token if encoded together), and EOS is always appended.
+            SFT records (trl/trainer/sft_trainer.py + trainer/utils.py DataCollatorForCompletionOnlyLM):
+            the conversation is encoded whole, EOS appended unless it is already the last token, and every
+            token equal to the pad id carries no loss (the collator's labels[labels == pad_id] = -100). With
+            Qwen2.5's base tokenizers pad = EOS = <|endoftext|>, so their SFT stage trained no EOS; with
+            Qwen3's (pad <|endoftext|>, EOS <|im_end|>) it would have. (Where "assistant\\n" merges with a
+            completion's first characters, their collator finds no response template and the example trains
+            nothing; here its completion trains from the token after the merged one.)
+
+Length rules, in tokens; prompt = the tokens before the first loss token, completion = the rest.
+length_rule "truncate" (the default):
+  max_prompt_len  a longer prompt: the example is dropped
   max_len         prompt + completion longer than this, by `truncation`:
     "drop"        the example is dropped
     "keep_end"    the start of the completion is cut: the prompt and the completion's last
                   max_len - len(prompt) tokens stay, so the answer and EOS survive; never the prompt is cut
                   (dropped when the prompt alone has max_len tokens or more)
     "keep_start"  the first max_len tokens stay (the completion's end and EOS are lost)
+length_rule "redi" (the REDI authors' pair data: the P800_R19000 filter of their
+data_preprocess/study_length_distribution.py, then their DPO trainer's cuts), R = max_len - max_prompt_len:
+  - dropped_prompt_too_long: the prompt messages rendered alone, without the generation prompt, have more
+    than max_prompt_len - 1 tokens (their prompt_len: those tokens + 1);
+  - dropped_too_long: a completion's messages rendered alone as a conversation (so a template's default
+    system turn and the assistant header count too) have more than R - 1 tokens (their response_len:
+    those tokens + 1, for the EOS);
+  - truncated: the prompt keeps its last max_prompt_len tokens (tokenize_row's prompt[-max_prompt_length:];
+    with Qwen2.5-Math's template a prompt is 2 tokens longer than its measure, so one that measures 799 or
+    800 loses its first 1 or 2 tokens), then prompt + completion their last max_len tokens
+    (concatenated_forward's keep_end; never reached with that template at REDI's 800 / 19,800).
 A pair is dropped as a unit when either side is dropped; each side is truncated on its own. Text documents
-have no prompt: keep_end keeps their last max_len tokens. The counts (read, kept, skipped_bad,
-dropped_prompt_too_long, dropped_too_long, truncated) are logged and kept in `dataset.stats`.
+have no prompt: keep_end keeps their last max_len tokens (and so does "redi"). The counts (read, kept,
+skipped_bad, dropped_prompt_too_long, dropped_too_long, truncated) are logged and kept in `dataset.stats`.
 
 Cache: <cache_dir>/<kind>-<key>/ holds tokens.npy (int32, every sequence end to end), mask.npy (bool, loss
 tokens), offsets.npy (int64, sequence j = [offsets[j], offsets[j+1]); a pair is sequences 2i (chosen) and
@@ -67,6 +98,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the tokenized output of the same inputs changes
 TRUNCATIONS = ("drop", "keep_end", "keep_start")
+LENGTH_RULES = ("truncate", "redi")
+COMPLETION_ENDS = ("im_end", "eos")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "problem", "answer")
 RULES = ("dropped_prompt_too_long", "dropped_too_long", "truncated")
@@ -154,25 +187,32 @@ class TokenizedDataset:
 
 @dataclass(frozen=True)
 class LengthRules:
-    """REDI's length rules (see the module docstring)."""
+    """The length rules (see the module docstring): `rule` "truncate" or "redi"."""
 
     max_len: int | None = None
     max_prompt_len: int | None = None
     truncation: str = "drop"
+    rule: str = "truncate"
 
     def __post_init__(self):
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"truncation={self.truncation!r}: expected one of {TRUNCATIONS}")
+        if self.rule not in LENGTH_RULES:
+            raise ValueError(f"length_rule={self.rule!r}: expected one of {LENGTH_RULES}")
         for name in ("max_len", "max_prompt_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r}: expected a positive number of tokens or None")
 
-    def apply(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    def apply(self, ids: np.ndarray, mask: np.ndarray,
+              measured: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
         """(ids, mask, outcome), outcome one of "kept", "truncated", "dropped_prompt_too_long",
-        "dropped_too_long"."""
+        "dropped_too_long". `measured`: (prompt, response) as REDI's filter counts them, for rule "redi"
+        (None for a text document)."""
         loss = np.flatnonzero(mask)
         prompt_len = int(loss[0]) if loss.size else len(ids)
+        if self.rule == "redi":
+            return self._apply_redi(ids, mask, prompt_len, measured)
         if self.max_prompt_len is not None and prompt_len > self.max_prompt_len:
             return ids, mask, "dropped_prompt_too_long"
         if self.max_len is None or len(ids) <= self.max_len:
@@ -185,6 +225,24 @@ class LengthRules:
         cut = len(ids) - self.max_len  # keep_end: the first `cut` completion tokens go
         keep = np.r_[0:prompt_len, prompt_len + cut:len(ids)]
         return ids[keep], mask[keep], "truncated"
+
+    def _apply_redi(self, ids: np.ndarray, mask: np.ndarray, prompt_len: int,
+                    measured: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, str]:
+        """Rule "redi": drop by REDI's measures (prompt > P, response > L - P), then keep the prompt's last
+        P tokens and the sequence's last L tokens."""
+        if measured is not None:
+            prompt_measure, response_measure = measured
+            if self.max_prompt_len is not None and prompt_measure > self.max_prompt_len:
+                return ids, mask, "dropped_prompt_too_long"
+            if self.max_len is not None and response_measure > self.max_len - (self.max_prompt_len or 0):
+                return ids, mask, "dropped_too_long"
+        outcome = "kept"
+        if self.max_prompt_len is not None and prompt_len > self.max_prompt_len:
+            cut = prompt_len - self.max_prompt_len
+            ids, mask, outcome = ids[cut:], mask[cut:], "truncated"
+        if self.max_len is not None and len(ids) > self.max_len:
+            ids, mask, outcome = ids[-self.max_len:], mask[-self.max_len:], "truncated"
+        return ids, mask, outcome
 
 
 # ---- records: files -> (row number, where, format, payload) -----------------------------------------------
@@ -373,6 +431,11 @@ class TokenizeJob:
     rules: LengthRules
     think_prefix: bool = False
     template_kwargs: dict = field(default_factory=dict)
+    completion_end: str = "im_end"
+
+    def __post_init__(self):
+        if self.completion_end not in COMPLETION_ENDS:
+            raise ValueError(f"completion_end={self.completion_end!r}: expected one of {COMPLETION_ENDS}")
 
     def run(self, chunk: list[tuple[int, str, str, Any]]) -> list[tuple]:
         """Per record: ("bad", message), (outcome, row) for a drop, or (outcome, row, is_text, sequences)
@@ -389,12 +452,18 @@ class TokenizeJob:
     def one(self, row: int, where: str, record) -> tuple:
         if self.kind == "sft":
             form, example = sft_example(record, where)
-            ids, mask, outcome = self.rules.apply(*self.tokenize(where, example))
+            measured = None
+            if self.rules.rule == "redi" and form == "chat":
+                first = next(i for i, m in enumerate(example) if m["role"] == "assistant")
+                measured = self.measure(where, example[:first], example[first:])
+            ids, mask, outcome = self.rules.apply(*self.tokenize(where, example), measured)
             if outcome.startswith("dropped"):
                 return outcome, row
             return outcome, row, form == "text", [(ids, mask)]
         prompt, chosen, rejected = pair_example(record, where)
-        sides = [self.rules.apply(*self.tokenize(where, prompt + side)) for side in (chosen, rejected)]
+        sides = [self.rules.apply(*self.tokenize(where, prompt + side),
+                                  self.measure(where, prompt, side) if self.rules.rule == "redi" else None)
+                 for side in (chosen, rejected)]
         outcomes = [outcome for _, _, outcome in sides]
         outcome = next((rule for rule in RULES if rule in outcomes), "kept")  # the first rule a side broke
         if outcome.startswith("dropped"):
@@ -402,13 +471,34 @@ class TokenizeJob:
         return outcome, row, False, [(ids, mask) for ids, mask, _ in sides]
 
     def tokenize(self, where: str, example: str | list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, mask) of a text (every token has loss, EOS appended) or of a conversation."""
+        """(ids, mask) of a text (every token has loss, EOS appended) or of a conversation, by
+        completion_end (the module docstring)."""
+        tok, eos = self.tok, self.tok.eos_id
         if isinstance(example, str):
-            ids = [*self.tok.encode(example), self.tok.eos_id]
+            ids = [*tok.encode(example), eos]
             return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
-        ids, mask = _template_call(where, self.tok.encode_chat, example, think_prefix=self.think_prefix,
-                                   **self.template_kwargs)
+        options = dict(think_prefix=self.think_prefix, **self.template_kwargs)
+        if self.completion_end == "im_end":
+            ids, mask = _template_call(where, tok.encode_chat, example, **options)
+        elif self.kind == "pairs":  # dpo2_trainer.tokenize_row: prompt and completion apart, EOS appended
+            text, spans = _template_call(where, tok.chat_spans, example, whole_turn=True, **options)
+            prompt, completion = tok.encode(text[:spans[0][0]]), [*tok.encode(text[spans[0][0]:]), eos]
+            ids, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
+        else:  # SFTTrainer + DataCollatorForCompletionOnlyLM: EOS unless last; no loss on pad-id tokens
+            ids, mask = _template_call(where, tok.encode_chat, example, whole_turn=True, **options)
+            if not ids or ids[-1] != eos:
+                ids, mask = [*ids, eos], [*mask, True]
+            mask = [m and i != tok.pad_id for i, m in zip(ids, mask, strict=True)]
         return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
+
+    def measure(self, where: str, prompt: list[dict], response: list[dict]) -> tuple[int, int]:
+        """(prompt, response) lengths as REDI's filter counts them (study_length_distribution.py): each
+        list of messages rendered alone by the chat template, without the generation prompt, encoded, + 1."""
+        def count(messages: list[dict]) -> int:
+            return len(self.tok.encode(_template_call(where, self.tok.render, messages,
+                                                      **self.template_kwargs))) + 1
+
+        return count(prompt), count(response)
 
 
 def _parse_json(line: str, where: str):
@@ -458,21 +548,25 @@ def tokenize_records(job: TokenizeJob, records: Iterable, num_workers: int, desc
 
 
 def load_sft(path: str | os.PathLike, tok: Tokenizer, *, max_len: int | None = None,
-             max_prompt_len: int | None = None, truncation: str = "drop", think_prefix: bool = False,
-             skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+             max_prompt_len: int | None = None, truncation: str = "drop", length_rule: str = "truncate",
+             completion_end: str = "im_end", think_prefix: bool = False, skip_bad: bool = False,
+             cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
              template_kwargs: dict | None = None) -> TokenizedDataset:
     """SFT examples (chat or text) as a TokenizedDataset of kind "sft" ("text" when every record is text)."""
-    return _load("sft", path, tok, LengthRules(max_len, max_prompt_len, truncation), think_prefix, skip_bad,
-                 cache_dir, num_workers, template_kwargs or {})
+    rules = LengthRules(max_len, max_prompt_len, truncation, length_rule)
+    return _load("sft", path, tok, rules, think_prefix, skip_bad, cache_dir, num_workers,
+                 template_kwargs or {}, completion_end)
 
 
 def load_pairs(path: str | os.PathLike, tok: Tokenizer, *, max_len: int | None = None,
-               max_prompt_len: int | None = None, truncation: str = "drop", think_prefix: bool = False,
-               skip_bad: bool = False, cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
+               max_prompt_len: int | None = None, truncation: str = "drop", length_rule: str = "truncate",
+               completion_end: str = "im_end", think_prefix: bool = False, skip_bad: bool = False,
+               cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
                template_kwargs: dict | None = None) -> TokenizedDataset:
     """(chosen, rejected) pairs sharing their prompt as a TokenizedDataset of kind "pairs"."""
-    return _load("pairs", path, tok, LengthRules(max_len, max_prompt_len, truncation), think_prefix, skip_bad,
-                 cache_dir, num_workers, template_kwargs or {})
+    rules = LengthRules(max_len, max_prompt_len, truncation, length_rule)
+    return _load("pairs", path, tok, rules, think_prefix, skip_bad, cache_dir, num_workers,
+                 template_kwargs or {}, completion_end)
 
 
 def load_rl(path: str | os.PathLike, tok: Tokenizer, *, max_prompt_len: int | None = None,
@@ -542,12 +636,14 @@ def cache_key(kind: str, files: list[Path], tok: Tokenizer, options: dict) -> st
 
 
 def _load(kind: str, path, tok: Tokenizer, rules: LengthRules, think_prefix: bool, skip_bad: bool,
-          cache_dir, num_workers: int, template_kwargs: dict) -> TokenizedDataset:
+          cache_dir, num_workers: int, template_kwargs: dict, completion_end: str) -> TokenizedDataset:
     files = data_files(path)
+    job = TokenizeJob(tok, kind, rules, think_prefix, template_kwargs, completion_end)  # checks the options
     directory = None
     if cache_dir is not None:
         options = {"max_len": rules.max_len, "max_prompt_len": rules.max_prompt_len,
-                   "truncation": rules.truncation, "think_prefix": think_prefix, "skip_bad": skip_bad,
+                   "truncation": rules.truncation, "length_rule": rules.rule,
+                   "completion_end": completion_end, "think_prefix": think_prefix, "skip_bad": skip_bad,
                    "template_kwargs": template_kwargs}
         directory = Path(cache_dir) / f"{kind}-{cache_key(kind, files, tok, options)[:32]}"
         if (directory / "meta.json").exists():
@@ -557,7 +653,6 @@ def _load(kind: str, path, tok: Tokenizer, rules: LengthRules, think_prefix: boo
                      len(dataset.tokens))
             return dataset
 
-    job = TokenizeJob(tok, kind, rules, think_prefix, template_kwargs)
     counts, bad, sequences, rows, all_text = Counter(), [], [], [], True
     results = tokenize_records(job, read_records(files), num_workers, desc=f"tokenizing {Path(path).name}")
     for result in results:

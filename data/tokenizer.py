@@ -2,6 +2,7 @@
 transformers renders it, and the loss mask of a conversation.
 
     tok = Tokenizer.from_pretrained("path/to/Qwen3")                 # tokenizer.json + tokenizer_config.json
+    tok = Tokenizer.from_pretrained(path, chat_template="t.jinja")  # another chat template (saved with it)
     tok.apply_chat_template(messages, add_generation_prompt=True)    # == transformers' apply_chat_template
     ids, mask = tok.encode_chat(messages, think_prefix=True)         # mask[i]: token i carries loss
     prompt_ids = tok.encode_prompt(messages[:-1], think_prefix=True) # what sampling starts from
@@ -23,14 +24,18 @@ The loss mask of `encode_chat` (exactly the tokens the model must learn to gener
   - it ends after the first end-of-turn text at or after its start: what the template writes between an
     assistant message's content and the next message, cut after its first special token (`<|im_end|>` for
     ChatML), found once by rendering a probe conversation. The EOS carries loss; what follows it (ChatML's
-    "\\n") does not. An assistant message whose content holds that text is an error;
+    "\\n") does not, unless whole_turn: then the span runs on over the rest of what the template writes
+    after an assistant's content (`turn_close`, "<|im_end|>\\n" for ChatML) where the text continues with
+    it, so the whole rendered turn carries loss (as TRL's trainers, which REDI used, train it). An
+    assistant message whose content holds the end-of-turn text is an error;
   - every assistant message carries loss, each up to its own end of turn;
   - a token belongs to a span when its first character does (a token straddling the prompt/completion
     boundary is prompt);
-  - think_prefix (REDI): each assistant turn opens with "<think>\\n", which belongs to the prompt (sampling
-    starts after it): nothing changes where the prompt already ends with it; a turn whose text begins with
-    "<think>\\n" keeps it; one that begins with "<think>" and spaces gets them replaced by "<think>\\n"; any
-    other turn gets "<think>\\n" inserted before it.
+  - think_prefix: each assistant turn opens with "<think>\\n", which belongs to the prompt (sampling starts
+    after it; REDI's authors trained it instead, as the first completion tokens): nothing changes where
+    the prompt already ends with it; a turn whose text begins with "<think>\\n" keeps it; one that begins
+    with "<think>" and spaces gets them replaced by "<think>\\n"; any other turn gets "<think>\\n"
+    inserted before it.
 Where a span cannot be located the error names the message.
 """
 
@@ -95,15 +100,25 @@ class Tokenizer:
         self._compiled: dict[str, jinja2.Template] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_pretrained(cls, path: str | os.PathLike,
+                        chat_template: str | os.PathLike | None = None) -> Tokenizer:
         """Read a directory holding tokenizer.json and tokenizer_config.json (or chat_template.jinja); a hub
-        name ("owner/name") is fetched with huggingface_hub when it is installed."""
+        name ("owner/name") is fetched with huggingface_hub when it is installed. `chat_template`: a .jinja
+        file used instead of the directory's template; it becomes this tokenizer's chat_template.jinja, so
+        save_pretrained (the HF export) writes it and what loads the export renders with it too."""
         directory = Path(path)
         if not directory.is_dir():
             directory = _fetch_from_hub(str(path))
         present = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
         files = {name: (directory / name).read_bytes() for name in present}
-        return cls(files, source=str(directory))
+        source = str(directory)
+        if chat_template is not None:
+            template = Path(chat_template)
+            if not template.is_file():
+                raise FileNotFoundError(f"{template}: no such chat template file")
+            files["chat_template.jinja"] = template.read_bytes()
+            source += f" (chat template {template})"
+        return cls(files, source=source)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the files this tokenizer was read from into `directory` (transformers loads them too)."""
@@ -178,11 +193,13 @@ class Tokenizer:
             text += THINK_PREFIX
         return self.encode(text)
 
-    def encode_chat(self, messages: Sequence[dict], *, think_prefix: bool = False,
+    def encode_chat(self, messages: Sequence[dict], *, think_prefix: bool = False, whole_turn: bool = False,
                     **template_kwargs) -> tuple[list[int], list[bool]]:
         """(ids, mask) of a whole conversation; mask[i] is True when token i is an assistant token that
-        carries loss, its end-of-turn token (EOS) included. The module docstring says how spans are found."""
-        text, spans = self.chat_spans(messages, think_prefix=think_prefix, **template_kwargs)
+        carries loss, its end-of-turn token (EOS) included (with whole_turn, the rest of the rendered turn
+        too). The module docstring says how spans are found."""
+        text, spans = self.chat_spans(messages, think_prefix=think_prefix, whole_turn=whole_turn,
+                                      **template_kwargs)
         encoding = self.backend.encode(text, add_special_tokens=False)
         mask, k = [], 0
         for start, _ in encoding.offsets:
@@ -191,12 +208,13 @@ class Tokenizer:
             mask.append(k < len(spans) and spans[k][0] <= start)
         return encoding.ids, mask
 
-    def chat_spans(self, messages: Sequence[dict], *, think_prefix: bool = False,
+    def chat_spans(self, messages: Sequence[dict], *, think_prefix: bool = False, whole_turn: bool = False,
                    **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
         """(the conversation's text, the [start, end) character spans that carry loss, one per assistant
         message, in order)."""
         full = self.render(messages, **template_kwargs)
         turn_end = self.turn_end
+        rest_of_turn = self.turn_close[len(turn_end):] if whole_turn else ""
         assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
         if not assistant:
             raise ValueError("no assistant message: nothing would carry loss")
@@ -220,6 +238,8 @@ class Tokenizer:
             if end < 0:
                 raise ValueError(f"cannot locate the end of {where}: no {turn_end!r} after it")
             end += len(turn_end)
+            if rest_of_turn and full.startswith(rest_of_turn, end):
+                end += len(rest_of_turn)
             pieces.append(full[done:start])
             if think_prefix and not full[:start].endswith(THINK_PREFIX):  # else the prompt holds it already
                 opened = len(THINK_PREFIX) if full.startswith(THINK_PREFIX, start) else \
@@ -234,15 +254,21 @@ class Tokenizer:
         return "".join(pieces), spans
 
     @cached_property
-    def turn_end(self) -> str:
-        """The text the template writes after an assistant message's content, up to and including its first
-        special token: the end-of-turn (EOS) that carries loss, e.g. "<|im_end|>"."""
+    def turn_close(self) -> str:
+        """Everything the template writes after the content of a conversation's last (assistant) message,
+        e.g. "<|im_end|>\\n" for ChatML: the end of a rendered turn."""
         probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
         text = self.render(probe)
         at = text.rfind(_PROBE_ASSISTANT)
         if at < 0:
             raise ValueError(f"{self.source}: the chat template does not write an assistant's content as is")
-        after = text[at + len(_PROBE_ASSISTANT):]
+        return text[at + len(_PROBE_ASSISTANT):]
+
+    @cached_property
+    def turn_end(self) -> str:
+        """The text the template writes after an assistant message's content, up to and including its first
+        special token: the end-of-turn (EOS) that carries loss, e.g. "<|im_end|>"."""
+        after = self.turn_close
         encoding = self.backend.encode(after, add_special_tokens=False)
         special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
         for token_id, (_, end) in zip(encoding.ids, encoding.offsets, strict=True):

@@ -1,5 +1,6 @@
 """The REDI recipe on a small OpenR1-Math-Raw fixture (tests/fixtures/openr1_math_raw_sample.jsonl): which
-rows become positives and pairs, and why the others do not; JSONL, Parquet and directories read alike."""
+rows become positives and pairs, and why the others do not (REDI's rule for a missing verdict, and the other
+one); JSONL, Parquet and directories read alike."""
 
 import json
 from collections import Counter
@@ -18,7 +19,7 @@ EXPECTED = {
     "r1-mixed": (1, 0),           # first correct, first incorrect
     "r2-all-correct": (0, None),  # a positive without a pair
     "r5-valid-case": (0, 1),      # problem_is_valid " yes " counts as valid
-    "r7-null-verdict": (1, 2),    # generation 0 has a null verdict: unverified, neither chosen nor rejected
+    "r7-null-verdict": (1, 0),    # generation 0's Llama verdict is null: REDI's bool(None), incorrect
     "r8-disagree": (1, 0),        # Llama says correct, math-verify not: LandMV incorrect
     "r12-reparsed": (0, None),    # the re-parsed-answer verifier, not the plain one, decides
 }
@@ -28,6 +29,8 @@ EXPECTED_COUNTS = {
     "skipped_no_generations": 1, "no_correct_generation": 1, "no_incorrect_generation": 2,
     "generations": 17, "generations_correct": 9, "generations_incorrect": 7, "generations_unverified": 1,
 }
+# missing="unverified": the null verdict's generation is neither chosen nor rejected
+EXPECTED_UNVERIFIED = {**EXPECTED, "r7-null-verdict": (1, 2)}
 
 
 def read_jsonl(path):
@@ -55,12 +58,17 @@ def check_outputs(out_dir, expected=EXPECTED):
 
 
 def test_select_chosen_rejected():
-    assert select_chosen_rejected([]) == (None, None)
-    assert select_chosen_rejected([None, None]) == (None, None)
-    assert select_chosen_rejected([False, True, True, False]) == (1, 0)
-    assert select_chosen_rejected([True, True]) == (0, None)
-    assert select_chosen_rejected([False, False]) == (None, 0)
-    assert select_chosen_rejected([None, True, False]) == (1, 2)
+    for missing in ("incorrect", "unverified"):
+        assert select_chosen_rejected([], missing) == (None, None)
+        assert select_chosen_rejected([False, True, True, False], missing) == (1, 0)
+        assert select_chosen_rejected([True, True], missing) == (0, None)
+        assert select_chosen_rejected([False, False], missing) == (None, 0)
+    assert select_chosen_rejected([None, None]) == (None, 0)  # REDI's rule, the default: None is incorrect
+    assert select_chosen_rejected([None, True, False]) == (1, 0)
+    assert select_chosen_rejected([None, None], "unverified") == (None, None)
+    assert select_chosen_rejected([None, True, False], "unverified") == (1, 2)
+    with pytest.raises(ValueError, match="missing='skip'"):
+        select_chosen_rejected([True], "skip")
 
 
 def test_fixture_jsonl(tmp_path):
@@ -70,8 +78,15 @@ def test_fixture_jsonl(tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["counts"] == EXPECTED_COUNTS
     assert stats["verifiers"] == ["llama_verification", "math_verify_reparsed_answer"]
-    assert stats["excluded_sources"] == ["cn_k12"]
+    assert stats["excluded_sources"] == ["cn_k12"] and stats["missing_verdict"] == "incorrect"
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_missing_verdict_unverified(tmp_path, capsys):
+    main(["--input", str(FIXTURE), "--out", str(tmp_path), "--missing-verdict", "unverified"])
+    assert json.loads(capsys.readouterr().out) == EXPECTED_COUNTS  # the same rows, another rejected
+    check_outputs(tmp_path, EXPECTED_UNVERIFIED)
+    assert json.loads((tmp_path / "stats.json").read_text())["missing_verdict"] == "unverified"
 
 
 def test_fixture_parquet_and_directory(tmp_path):
@@ -105,7 +120,8 @@ def test_rows_that_drop_out_and_why():
         ({"problem_is_valid": None}, "skipped_invalid_problem"),
         ({"problem_is_valid": "No"}, "skipped_invalid_problem"),
         ({"source": "cn_k12"}, "skipped_excluded_source"),
-        ({"problem": "  "}, "skipped_no_problem"),
+        ({"problem": ""}, "skipped_no_problem"),  # REDI's `if not problem` ("  " stays, as in REDI)
+        ({"problem": None}, "skipped_no_problem"),
         ({"generations": None}, "skipped_no_generations"),
         ({"generations": ["text", None, "text", "text"]}, "skipped_no_generations"),
         ({"correctness": None}, "skipped_verifier_missing"),

@@ -4,17 +4,23 @@
 
 A row is one problem with several DeepSeek-R1 generations and, per generation, the verdict of each verifier
 under `correctness` (`llama_verification`, `math_verify_answer`, `math_verify_reparsed_answer`). REDI's
-preprocessing (Tim-Siu/reinforcement-distillation, experiments_trl/data_preprocess/clean_base_data.py and
-clean_base_shuffled_dpo.py), which `select` reproduces:
-  1. keep a row only if `problem_is_valid` is "Yes" (any case, spaces ignored) and `source` is not "cn_k12";
+preprocessing (Tim-Siu/reinforcement-distillation, experiments_trl/data_preprocess/clean_base_shuffled.py
+for the positives, clean_base_shuffled_dpo.py for the pairs), which `select` reproduces:
+  1. keep a row only if `problem_is_valid` is "Yes" (any case, spaces ignored), `source` is not "cn_k12" and
+     the problem is a non-empty string;
   2. a generation is correct when every verifier says so, by default the Llama judge AND math-verify on the
      re-parsed answer ("LandMV"); a verifier list that is missing or not one value per generation drops
      the row;
-  3. positive = the first correct generation; pair = (first correct, first incorrect) of the same problem.
-REDI reports 77,629 positives and 53,175 pairs from the full dataset. One deliberate difference: a verdict
-that is missing (null) leaves its generation unverified, so it is neither chosen nor rejected (REDI's
-`bool(None)` made it incorrect, hence a possible rejected). Rows keep their input order (REDI shuffled the
-pairs with seed 42 first; shuffle at training time instead).
+  3. a verdict that is missing (null) counts as incorrect, as REDI's `bool(l) and bool(mr)` counts it
+     (missing="incorrect", the default), so its generation can be the rejected one; missing="unverified"
+     leaves such a generation out of both roles instead (a trace nobody judged is no evidence of a wrong
+     one: arguably better, and not what REDI trained on). OpenR1-Math-Raw's verdict lists are typed bool
+     with nulls, so `bool(v)` and this rule agree on every value it holds;
+  4. positive = the first correct generation; pair = (first correct, first incorrect) of the same problem.
+REDI reports 77,629 positives and 53,175 pairs from the full dataset (the pairs after its length filter,
+which the training recipe applies: --length-rule redi). Rows keep their input order: REDI shuffled the raw
+rows first (datasets' shuffle, seed 42), which orders its files but changes no record, and both its trainer
+and train.py shuffle the units again (train.py by --seed).
 
 Writes, in --out: sft.jsonl {"id", "messages": [user problem, assistant generation]},
 pairs.jsonl {"id", "prompt", "chosen", "rejected"} (the formats data/datasets.py reads) and stats.json, the
@@ -34,11 +40,19 @@ EXCLUDED_SOURCES = ("cn_k12",)
 _COLUMNS = ("uuid", "problem", "problem_is_valid", "source", "generations", "correctness")
 
 
-def select_chosen_rejected(verdicts: Sequence[bool | None]) -> tuple[int | None, int | None]:
+MISSING_RULES = ("incorrect", "unverified")
+
+
+def select_chosen_rejected(verdicts: Sequence[bool | None],
+                           missing: str = "incorrect") -> tuple[int | None, int | None]:
     """(index of the first correct generation, index of the first incorrect one), None where there is none.
-    A None verdict (unverified) is neither."""
+    A None verdict (a verifier's verdict missing) is incorrect (missing="incorrect", REDI's rule) or neither
+    (missing="unverified")."""
+    if missing not in MISSING_RULES:
+        raise ValueError(f"missing={missing!r}: expected one of {MISSING_RULES}")
+    incorrect = (False, None) if missing == "incorrect" else (False,)
     chosen = next((i for i, v in enumerate(verdicts) if v is True), None)
-    rejected = next((i for i, v in enumerate(verdicts) if v is False), None)
+    rejected = next((i for i, v in enumerate(verdicts) if v in incorrect), None)
     return chosen, rejected
 
 
@@ -63,9 +77,11 @@ def select(
     verifiers: Sequence[str] = REDI_VERIFIERS,
     excluded_sources: Sequence[str] = EXCLUDED_SOURCES,
     row_id: str | None = None,
+    missing: str = "incorrect",
 ) -> tuple[dict | None, dict | None]:
     """One row -> (SFT record or None, pair record or None); `counts` tallies rows and why they drop out.
-    The records' id is the row's `uuid`, else `row_id`."""
+    The records' id is the row's `uuid`, else `row_id`; `missing`: how a missing verdict counts (the module
+    docstring). `generations_unverified` counts the generations with a missing verdict, whichever rule."""
     counts["rows"] += 1
     valid = row.get("problem_is_valid")
     if not (isinstance(valid, str) and valid.strip().lower() == "yes"):
@@ -75,7 +91,7 @@ def select(
         counts["skipped_excluded_source"] += 1
         return None, None
     problem, generations = row.get("problem"), row.get("generations")
-    if not isinstance(problem, str) or not problem.strip():
+    if not isinstance(problem, str) or not problem:  # REDI's `if not problem`: spaces alone are a problem
         counts["skipped_no_problem"] += 1
         return None, None
     if not generations or not all(isinstance(g, str) for g in generations):
@@ -89,7 +105,7 @@ def select(
     counts["generations_correct"] += verdicts.count(True)
     counts["generations_incorrect"] += verdicts.count(False)
     counts["generations_unverified"] += verdicts.count(None)
-    chosen, rejected = select_chosen_rejected(verdicts)
+    chosen, rejected = select_chosen_rejected(verdicts, missing)
     if chosen is None:
         counts["no_correct_generation"] += 1
         return None, None
@@ -140,6 +156,7 @@ def build(
     *,
     verifiers: Sequence[str] = REDI_VERIFIERS,
     excluded_sources: Sequence[str] = EXCLUDED_SOURCES,
+    missing: str = "incorrect",
 ) -> dict:
     """Write sft.jsonl, pairs.jsonl and stats.json for the rows under `input_path`; return the counts."""
     out = Path(out_dir)
@@ -149,9 +166,8 @@ def build(
     sft_f, pair_f = (open(part, "w", encoding="utf-8") for part in parts.values())
     with sft_f, pair_f:
         for index, row in enumerate(read_rows(input_path, columns=(*_COLUMNS, *verifiers))):
-            positive, pair = select(
-                row, counts, verifiers=verifiers, excluded_sources=excluded_sources, row_id=str(index)
-            )
+            positive, pair = select(row, counts, verifiers=verifiers, excluded_sources=excluded_sources,
+                                    row_id=str(index), missing=missing)
             if positive is not None:
                 sft_f.write(json.dumps(positive, ensure_ascii=False) + "\n")
             if pair is not None:
@@ -162,6 +178,7 @@ def build(
         "input": str(input_path),
         "verifiers": list(verifiers),
         "excluded_sources": list(excluded_sources),
+        "missing_verdict": missing,
         "counts": dict(sorted(counts.items())),
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -185,12 +202,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(EXCLUDED_SOURCES),
         help="comma-separated `source` values to drop (default: cn_k12, as REDI); '' keeps every source",
     )
+    parser.add_argument(
+        "--missing-verdict",
+        choices=MISSING_RULES,
+        default="incorrect",
+        help="a generation with a verifier's verdict missing (null): incorrect (REDI's bool(None)), so it "
+        "can be the rejected one; unverified: neither chosen nor rejected",
+    )
     args = parser.parse_args(argv)
     counts = build(
         args.input,
         args.out,
         verifiers=tuple(v for v in args.verifiers.split(",") if v),
         excluded_sources=tuple(s for s in args.exclude_sources.split(",") if s),
+        missing=args.missing_verdict,
     )
     print(json.dumps(counts, indent=2))
 
