@@ -46,6 +46,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import checkpoint
+import errors
 import rollouts
 from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
@@ -254,9 +255,9 @@ def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path
     missing = np.unique(units)
     missing = missing[torch.isnan(out[missing, 0]).numpy()]
     if len(missing) and not initial:
-        raise SystemExit(f"{path} lacks the reference log-probs of {len(missing)} pairs this resumed run "
-                         "needs, and the model is no longer the reference: resume with the original "
-                         "--max-steps/--epochs")
+        raise errors.UserError(f"{path} lacks the reference log-probs of {len(missing)} pairs this resumed "
+                               "run needs, and the model is no longer the reference: resume with the "
+                               "original --max-steps/--epochs")
     if len(missing):
         mine = deal(best_fit_decreasing(missing, dataset.lengths, args.batch_tokens), dataset.lengths,
                     d.world)[d.rank]
@@ -407,17 +408,13 @@ def setup(args: argparse.Namespace) -> Run:
     dist.barrier()
     torch.manual_seed(args.seed)
     if args.data is None:
-        raise SystemExit("train.py: --data is required with --model or --init (the embedded default needs "
-                         "neither)")
+        raise errors.UserError("--data is needed with --model or --init (the embedded default needs neither)")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model)
     config = model_config(args)
     if tok.vocab_size > config.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens, the model's vocab_size {config.vocab_size}")
+        raise errors.UserError(f"--tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
     grpo = args.objective == "grpo"
-    try:
-        data = load_data(args, tok, out.parent / ".cache")
-    except (ValueError, OSError) as e:  # bad input: the reader names file, line and field
-        raise SystemExit(f"train.py: {e}") from None
+    data = load_data(args, tok, out.parent / ".cache")  # a bad row: an error naming file, line and field
     model = build_model(args, config, d)
     dtype = torch.bfloat16 if args.precision != "fp32" else torch.float32
     copy = rollouts.sampling_copy(model, config, d.device, dtype) if grpo or args.eval_every else None
@@ -589,12 +586,10 @@ def main(argv: list[str] | None = None) -> None:
             embedded.main(argv)
         else:
             train(args)
-    except FloatingPointError as e:  # a non-finite loss or gradient: nothing was applied
-        raise SystemExit(f"train.py: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, "train.py")

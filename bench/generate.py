@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+import errors
 import model.generate as generation
 from bench.common import environment, free_memory, markdown_table, peak_memory_gib, write_json
 from bench.kernels import Bench, measure_ceilings
@@ -142,7 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, fp32, a tiny model of the preset's family, batch 1 and 2, 8 + 4 tokens")
+    p.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
+    errors.check_ranges(vars(args), {"batch_sizes": ">= 1", "prompt_len": ">= 1", "new_tokens": ">= 1",
+                                     "temperature": ">= 0", "repeats": ">= 1", "warmup": ">= 0",
+                                     "seed": ">= 0"})
 
     config = ModelConfig.preset(args.preset)
     if args.dry_run:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         generation.COMPILE_BACKEND = "aot_eager"  # the compile path without minutes of C++ codegen
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
-        raise SystemExit("bench/generate.py measures a GPU: no CUDA device here (use --dry-run on CPU)")
+        raise errors.UserError("bench/generate.py measures a GPU: no CUDA device here (--dry-run on CPU)")
     else:
         device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
@@ -224,4 +229,4 @@ def print_report(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, "python -m bench.generate")

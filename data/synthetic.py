@@ -461,7 +461,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in asdict(TaskParams()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
                             help=f"{PARAM_HELP[name]} (default: {default})")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback (also NANOREASON_DEBUG=1)")
     args = vars(parser.parse_args(argv))
+    args.pop("debug")
     paths = build_task(args.pop("out"), **args)
     stats = json.loads(paths["stats"].read_text())
     print(json.dumps({"paths": {k: str(v) for k, v in paths.items()},
@@ -469,4 +472,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the entry points' one error report: top level, so only here (data/ itself imports nothing above it)
+    from errors import run
+
+    run(main, "python -m data.synthetic")

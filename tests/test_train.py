@@ -195,7 +195,7 @@ def test_recipes_and_config_file(tmp_path):
     args = train.parse_args(["--config", str(config), "--recipe", "redi", "--alpha", "1.0"])
     assert (args.lr, args.max_prompt_len, args.alpha) == (2e-6, 512, 1.0)  # flags > file > recipe
     config.write_text("learning_rate = 1\n")
-    with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):  # errors.UserError: exit status 2
         train.parse_args(["--config", str(config)])
 
 

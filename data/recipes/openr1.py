@@ -117,19 +117,31 @@ def read_rows(path: str | os.PathLike, columns: Iterable[str] = ()) -> Iterator[
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            parquet = pq.ParquetFile(file)
-            names = [c for c in parquet.schema_arrow.names if c in set(columns)] or None
-            for batch in parquet.iter_batches(batch_size=64, columns=names):
-                yield from batch.to_pylist()
+            try:
+                parquet = pq.ParquetFile(file)
+                names = [c for c in parquet.schema_arrow.names if c in set(columns)] or None
+                for batch in parquet.iter_batches(batch_size=64, columns=names):
+                    yield from batch.to_pylist()
+            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
         elif file.suffix == ".jsonl":
-            with open(file, encoding="utf-8") as f:
+            with open(file, "rb") as f:
                 for line_number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{file}:{line_number}: not UTF-8 text (byte 0x{line[e.start]:02x} "
+                                         f"at column {e.start + 1})") from None
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{file}:{line_number}: not valid JSON ({e})") from None
+                    except RecursionError:
+                        raise ValueError(f"{file}:{line_number}: nested too deeply to read") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{file}:{line_number}: expected a JSON object, got "
+                                         f"{type(row).__name__}")
+                    yield row
         else:
             raise ValueError(f"{file}: expected a .parquet or .jsonl file")
 
@@ -185,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(EXCLUDED_SOURCES),
         help="comma-separated `source` values to drop (default: cn_k12, as REDI); '' keeps every source",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback (also NANOREASON_DEBUG=1)")
     args = parser.parse_args(argv)
     counts = build(
         args.input,
@@ -196,4 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the entry points' one error report: top level, so only here (data/ itself imports nothing above it)
+    from errors import run
+
+    run(main, "python -m data.recipes.openr1")
