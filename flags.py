@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (none there: an error); the run must "
+                   "be the checkpoint's (objective, model, data, --seed, --batch-size), --lr and the "
+                   "schedule may change")
+    g.add_argument("--resume-or-start", action="store_true",
+                   help="--resume when --out holds a checkpoint, else start fresh (a restarted job)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
     g = p.add_argument_group("the embedded default (no --data/--model/--init: embedded.py)")
