@@ -4,9 +4,11 @@
 
 each overriding the one before; a pair objective's own defaults (losses.PAIR_OBJECTIVES, e.g. DPO's β 0.1)
 fill what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
-`batch_size = 32`); an unknown name is an error that names the file. The embedded default
-(embedded.py) builds every stage the same way, its stage recipes as the layer between the defaults and the
-flags: `resolve(given_flags(argv), recipe("embedded-sft"))`.
+`batch_size = 32`); an unknown name, or a value of the wrong type, is an error that names the file. The
+embedded default (embedded.py) builds every stage the same way, its stage recipes as the layer between the
+defaults and the flags: `resolve(given_flags(argv), recipe("embedded-sft"))`. The resolved values are then
+checked once (`validate`): each numeric flag against its legal range in LEGAL, and the flags that only make
+sense together; a value out of range is an errors.UserError naming the flag and the range.
 """
 
 from __future__ import annotations

@@ -253,6 +253,7 @@ def _json_file(file: Path):  # noqa: ANN202 (parsed JSON)
 
 
 def _utf8(data: bytes, where: str) -> str:
+    """data as text; a BadRecord naming the first byte that is not UTF-8 and its line and column."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
