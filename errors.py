@@ -9,11 +9,13 @@ model/) import nothing above them (DESIGN.md's layout), so they signal bad input
 ValueError (data's BadRecord, model/config.py, model/hf.py, the tokenizer, the benchmark reader) and
 FileNotFoundError, each with its file and field in the message. The top-level modules (flags.py,
 checkpoint.py, train.py, eval.py) raise `UserError`, a ValueError, for what a user asked that cannot be
-done (a flag out of its range, a resume that would be another run). `run` prints any of them as one line,
-`prog: message`, and exits with status 2, without a traceback; `--debug` on the command line or
-NANOREASON_DEBUG=1 shows the traceback instead. A run that cannot go on (train.py's non-finite loss, a
-FloatingPointError whose message names the last good checkpoint) is reported the same way with exit
-status 1. Anything else (a bug) keeps its traceback; Ctrl-C prints `prog: interrupted` and exits 130.
+done (a flag out of its range, a resume that would be another run), and parse their command lines with
+`ArgumentParser`, whose syntax errors (`--lr abc`, an unknown flag) are UserErrors too. `run` prints any
+of them as one line, `prog: message`, and exits with status 2, without a traceback; `--debug` on the
+command line or NANOREASON_DEBUG=1 shows the traceback instead. A run that cannot go on (train.py's
+non-finite loss, a FloatingPointError whose message names the last good checkpoint) is reported the same
+way with exit status 1. Anything else (a bug) keeps its traceback; Ctrl-C prints `prog: interrupted` and
+exits 130.
 
 Flag ranges are one table per entry point, {dest: rule}, checked by `check_ranges` once the flags are known,
 a rule being "> 0", ">= 1", "< 1", "[0, 1]", "(0, 1]", "[0, 1)" (every element of a list flag is checked):
@@ -22,12 +24,14 @@ a rule being "> 0", ">= 1", "< 1", "[0, 1]", "(0, 1]", "[0, 1)" (every element o
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 import jinja2
 
@@ -37,6 +41,14 @@ EXIT_USER_ERROR = 2
 
 class UserError(ValueError):
     """What the user asked for cannot be done; the message names the flag, file or checkpoint and says why."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose command-line errors (an unknown flag, a value of the wrong type, a missing
+    required flag) are UserErrors, so that `run` answers them with one line instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 USER_ERRORS = (ValueError, OSError, jinja2.TemplateError)

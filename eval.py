@@ -378,7 +378,7 @@ def _benchmark_entry(results: list[ProblemResult], prompt_suffix: str) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p = errors.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--benchmark", nargs="+", required=True,

@@ -18,7 +18,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from errors import DEBUG_HELP, UserError, check_ranges
+from errors import DEBUG_HELP, ArgumentParser, UserError, check_ranges
 from losses import PAIR_OBJECTIVES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -26,7 +26,7 @@ DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION,
+    p = ArgumentParser(prog="train.py", description=DESCRIPTION,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
     p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())})")

@@ -38,7 +38,6 @@ Issue 6's targets on an H100: >= 60% of that roofline at batch 1 and >= 15,000 t
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def measure(name: str, call: Callable[[], list[list[int]]], bench: Bench, batch:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n")[0])
+    p = errors.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="qwen2.5-1.5b", help="model shape (model/config.py PRESETS)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="rows decoded at once")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")

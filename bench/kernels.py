@@ -14,7 +14,6 @@ before it is timed (a wrong fast result is reported as WRONG, not timed).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
@@ -292,7 +291,7 @@ def random_targets(n: int, vocab: int, device, gen) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
+    parser = errors.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations, only the first linear shape")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no peers/compile")
     parser.add_argument("--sweep", action="store_true", help="also time ours at other block/chunk sizes")

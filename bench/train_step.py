@@ -328,7 +328,7 @@ LEGAL = {"batch": ">= 1", "seq_len": ">= 2", "token_budget": ">= 1", "median_doc
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
+    p = errors.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which shapes to run")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                    help="bf16: bf16 parameters and AdamW state; bf16-mixed: fp32 ones, bf16 compute")

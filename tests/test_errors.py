@@ -161,3 +161,24 @@ def test_every_entry_point_answers_with_one_line(name, tmp_path):
         proc = subprocess.run([sys.executable, *argv, "--debug"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 1 and "Traceback" in proc.stderr and "UserError" in proc.stderr
+
+
+def test_command_line_syntax_errors_are_one_line_too(capsys, monkeypatch):
+    """What argparse cannot read once printed the whole usage text first (train.py's is 40 lines)."""
+    import eval as evaluation
+    import train
+    from bench import generate
+    from data import synthetic
+    from data.recipes import openr1
+
+    monkeypatch.delenv("NANOREASON_DEBUG", raising=False)
+    for main, prog, argv, message in [
+        (train.main, "train.py", ["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+        (train.main, "train.py", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (evaluation.main, "eval.py", ["--n", "2"], "the following arguments are required: --model"),
+        (synthetic.main, "python -m data.synthetic", ["--error-rate", "x"], "argument --error-rate: invalid"),
+        (openr1.main, "python -m data.recipes.openr1", ["--out", "x"], "the following arguments are"),
+        (generate.main, "python -m bench.generate", ["--repeats", "x"], "argument --repeats: invalid int"),
+    ]:
+        line = cli_error(main, prog, argv, capsys)
+        assert line.startswith(f"{prog}: {message}") and line.endswith(f"(see {prog} --help)"), line

@@ -22,7 +22,6 @@ counts of what was kept and why the rest was not. The synthetic task (data/synth
 and pairs with the same `select`.
 """
 
-import argparse
 import json
 import os
 from collections import Counter
@@ -181,8 +180,10 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from errors import DEBUG_HELP, ArgumentParser  # the command line only: data/ imports nothing above it
+
     description = __doc__.split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog="python -m data.recipes.openr1", description=description)
+    parser = ArgumentParser(prog="python -m data.recipes.openr1", description=description)
     parser.add_argument(
         "--input", required=True, help="an OpenR1-Math-Raw .parquet or .jsonl file, or a directory of them"
     )
@@ -197,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(EXCLUDED_SOURCES),
         help="comma-separated `source` values to drop (default: cn_k12, as REDI); '' keeps every source",
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="on an error, show the Python traceback (also NANOREASON_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     counts = build(
         args.input,
