@@ -5,9 +5,10 @@
 
 A user error is a ValueError or an OSError whose message names what is wrong (file:line: field, --flag,
 tensor, checkpoint), or a chat template's refusal (jinja2.TemplateError). The library rooms (data/,
-model/) import nothing above them (DESIGN.md's layout), so they signal bad input as they always have:
-ValueError (data's BadRecord, model/config.py, model/hf.py, the tokenizer, the benchmark reader) and
-FileNotFoundError, each with its file and field in the message. The top-level modules (flags.py,
+model/) import nothing above them (DESIGN.md's layout; the two data/ command lines import this module
+inside their main() only), so they signal bad input as they always have: ValueError (data's BadRecord,
+model/config.py, model/hf.py, the tokenizer, the benchmark reader) and FileNotFoundError, each with its
+file and field in the message. The top-level modules (flags.py,
 checkpoint.py, train.py, eval.py) raise `UserError`, a ValueError, for what a user asked that cannot be
 done (a flag out of its range, a resume that would be another run), and parse their command lines with
 `ArgumentParser`, whose syntax errors (`--lr abc`, an unknown flag) are UserErrors too. `run` prints any
