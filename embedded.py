@@ -12,7 +12,9 @@ the paths (tokenizer, data, init, out) set here; the flags a user gives apply to
 names — with --objective redi to every pair stage, which are compared at equal settings (--alpha and
 --beta, which mean something else for each, stay with their own objective). A stage whose settings and
 training code are those of a finished run in its directory (<out>/<stage>/stage.json) is reused, not
-retrained; other code (an edited file, another torch, another thread count) retrains it.
+retrained; other code (an edited file, another torch, another thread count) retrains it. An interrupted
+stage leaves its checkpoints: `--resume` (or `--resume-or-start`) continues every unfinished stage from its
+newest checkpoint and starts those that have none; without it, a stage with checkpoints is refused.
 
 Results: <out>/results.md (the table printed) and <out>/results.json, per model {"accuracy", "stderr",
 "problems"}; the device, torch version and thread count under "run". Greedy decoding and a fixed thread
@@ -26,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,9 +45,11 @@ log = logging.getLogger("embedded")
 ROOT = Path(__file__).resolve().parent
 TASK = dict(ops="+-", operand_min=1, operand_max=30, max_value=99, min_steps=2, max_steps=2)
 DATA = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "grpo": "rl"}
-OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit")  # read here, not passed to stages
+# read here, not passed to stages (--resume becomes every stage's --resume-or-start)
+OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "resume", "resume_or_start")
 OBJECTIVE_FLAGS = {"alpha": "redi", "beta": None}  # None: only for the objective the user names
-UNSTAMPED = ("resume", "compare", "seeds", "num_workers", "log_every")  # no effect on a stage's weights
+# no effect on a stage's weights
+UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every")
 
 
 def stage_args(stage: str, user: dict, paths: dict) -> argparse.Namespace:
@@ -82,6 +87,11 @@ def run_stage(args: argparse.Namespace, rank: int) -> Path:
         if rank == 0:
             log.info("%s: reusing %s (same settings; delete it to retrain)", args.objective, args.out / "hf")
         return args.out / "hf"
+    if stamp.exists():  # a finished stage of other settings or code: retrained from scratch, not resumed
+        if rank == 0:
+            stamp.unlink()
+            shutil.rmtree(args.out / "ckpt", ignore_errors=True)
+        dist.barrier()
     hf = train(args)
     if rank == 0:
         stamp.write_text(wanted)
@@ -116,7 +126,7 @@ def main(argv: list[str]) -> dict:
     dist.barrier()
     task = build_task(root / "task", **TASK)
     common = {"model": "tiny", "tokenizer": str(task["tokenizer"]), "eval_data": str(task["test"]),
-              "seed": seed}
+              "seed": seed, "resume_or_start": bool(given.get("resume") or given.get("resume_or_start"))}
     sft_paths = {**common, "data": str(task["sft"]), "out": root / "sft"}
     trained = {"sft": run_stage(stage_args("sft", user_flags_for("sft", named, given), sft_paths), d.rank)}
     stages = [] if named == "sft" else [named]

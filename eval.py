@@ -60,6 +60,7 @@ from pathlib import Path
 
 import torch
 
+import errors
 from data import prompts
 from data.benchmarks import BENCHMARKS, Problem, benchmark_path, load_benchmark
 from data.recipes.openr1 import select_chosen_rejected
@@ -313,7 +314,11 @@ def _download_hub_benchmark(repo: str) -> Path:
     except ImportError:
         raise FileNotFoundError(f"hub dataset {repo}: huggingface_hub is not installed") from None
     suffixes = (".jsonl", ".json", ".parquet")
-    local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[f"*{s}" for s in suffixes]))
+    try:
+        local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[f"*{s}" for s in suffixes]))
+    except Exception as e:  # noqa: BLE001 (offline, unknown repository, gated, ...: the hub's many errors)
+        raise FileNotFoundError(f"hub dataset {repo}: the download failed ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
     files = sorted(p for p in local.rglob("*") if p.suffix in suffixes)
     tests = [p for p in files if "test" in p.name] or files
     if len(tests) != 1:
@@ -373,7 +378,7 @@ def _benchmark_entry(results: list[ProblemResult], prompt_suffix: str) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p = errors.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--benchmark", nargs="+", required=True,
@@ -398,7 +403,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between rewrites of --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
+    args = p.parse_args(argv)
+    errors.check_ranges(vars(args), LEGAL)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise errors.UserError(f"--device {args.device}: no CUDA device here (--device cpu)")
+    return args
+
+
+LEGAL = {"n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0", "max_new_tokens": ">= 1",
+         "batch_size": ">= 1", "seed": ">= 0", "limit": ">= 1", "save_every": ">= 0"}  # errors.check_ranges
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -415,12 +429,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     report = {"config": config, "benchmarks": {}, "overall": {}}
     if out.is_file():
-        report = json.loads(out.read_text())
+        report = _read_report(out)
         differing = {k: (report.get("config", {}).get(k), v) for k, v in config.items()
                      if report.get("config", {}).get(k) != v}
         if differing:
-            raise SystemExit(f"{out}: written with another config; differing (theirs, ours): {differing}. "
-                             "Use another --out or the same settings.")
+            raise errors.UserError(f"{out}: written with another config; differing (theirs, ours): "
+                                   f"{differing}. Use another --out or the same settings.")
     specs = [s for spec in args.benchmark for s in (BENCHMARKS if spec == "all" else (spec,))]
     benchmarks = [load_problems(spec) for spec in specs]
 
@@ -479,5 +493,19 @@ def _results(entry: dict) -> list[ProblemResult]:
     return [ProblemResult(**r) for r in entry["problems"]]
 
 
+def _read_report(out: Path) -> dict:
+    """An --out written by an earlier run (to resume); anything else there is an error naming it."""
+    why = "no config"
+    try:
+        report = json.loads(out.read_text(encoding="utf-8"))
+        for entry in report["benchmarks"].values():
+            _results(entry)
+        if isinstance(report["config"], dict):
+            return report
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        why = f"{type(e).__name__}: {e}"
+    raise errors.UserError(f"{out}: not an eval.py output to resume ({why}): use another --out or delete it")
+
+
 if __name__ == "__main__":
-    main()
+    errors.run(main, "eval.py")

@@ -4,9 +4,11 @@
 
 each overriding the one before; a pair objective's own defaults (losses.PAIR_OBJECTIVES, e.g. DPO's β 0.1)
 fill what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
-`batch_size = 32`); an unknown name is an error that names the file. The embedded default
-(embedded.py) builds every stage the same way, its stage recipes as the layer between the defaults and the
-flags: `resolve(given_flags(argv), recipe("embedded-sft"))`.
+`batch_size = 32`); an unknown name, or a value of the wrong type, is an error that names the file. The
+embedded default (embedded.py) builds every stage the same way, its stage recipes as the layer between the
+defaults and the flags: `resolve(given_flags(argv), recipe("embedded-sft"))`. The resolved values are then
+checked once (`validate`): each numeric flag against its legal range in LEGAL, and the flags that only make
+sense together; a value out of range is an errors.UserError naming the flag and the range.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from errors import DEBUG_HELP, ArgumentParser, UserError, check_ranges
 from losses import PAIR_OBJECTIVES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -23,7 +26,7 @@ DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION,
+    p = ArgumentParser(prog="train.py", description=DESCRIPTION,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
     p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())})")
@@ -124,14 +127,60 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (none there: an error); the run must "
+                   "be the checkpoint's (objective, model, data, --seed, --batch-size), --lr and the "
+                   "schedule may change")
+    g.add_argument("--resume-or-start", action="store_true",
+                   help="--resume when --out holds a checkpoint, else start fresh (a restarted job)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
     g = p.add_argument_group("the embedded default (no --data/--model/--init: embedded.py)")
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="train every pair objective from the same SFT weights and compare them")
     g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
+
+
+# The legal values of the numeric flags (errors.check_ranges), checked once the configuration is resolved, so
+# recipes and --config files are checked too; None (unset) is not checked.
+LEGAL = {
+    "rope_theta": "> 0", "max_position_embeddings": ">= 1", "max_len": ">= 1", "max_prompt_len": ">= 1",
+    "block_len": ">= 2", "num_workers": ">= 0",
+    "lr": "> 0", "min_lr_ratio": "[0, 1]", "warmup": ">= 0", "epochs": "> 0", "max_steps": ">= 1",
+    "batch_size": ">= 1", "batch_tokens": ">= 1", "weight_decay": ">= 0", "betas": "[0, 1)",
+    "grad_clip": ">= 0", "seed": ">= 0",
+    "alpha": ">= 0", "beta": "> 0", "gamma": ">= 0",
+    "group_size": ">= 2", "max_new_tokens": ">= 1", "temperature": "> 0", "temperature_end": "> 0",
+    "anneal_steps": ">= 1", "top_p": "(0, 1]", "eps_low": "[0, 1)", "eps_high": ">= 0", "kl_beta": ">= 0",
+    "wrong_reward": "< 1", "overlong_cache": ">= 0", "max_sampling_rounds": ">= 1",
+    "updates_per_rollout": ">= 1", "filter_samples": ">= 0", "filter_max_pass": "[0, 1]",
+    "filter_min_pass": "[0, 1]", "rollout_batch_size": ">= 1",
+    "eval_every": ">= 0", "eval_limit": ">= 1", "eval_n": ">= 1", "eval_temperature": ">= 0",
+    "eval_max_new_tokens": ">= 1",
+    "save_every": ">= 0", "keep_last": ">= 1", "log_every": ">= 1", "seeds": ">= 1",
+}
+
+
+def validate(values: dict) -> None:
+    """Every flag within its LEGAL range, and the flags that only make sense together (UserError)."""
+    check_ranges(values, LEGAL)
+    model = values["model"]
+    if values["data"] and model and not (values["tokenizer"] or values["init"] or Path(model).is_dir()
+                                         or "/" in model):
+        raise UserError(f"--tokenizer is needed: --model {model} is a preset, which has no tokenizer")
+    if values["eval_every"] and not values["eval_data"]:
+        raise UserError(f"--eval-every {values['eval_every']} needs --eval-data (a JSONL file, a benchmark)")
+    if values["filter_min_pass"] > values["filter_max_pass"]:
+        raise UserError(f"--filter-min-pass {values['filter_min_pass']} is above --filter-max-pass "
+                        f"{values['filter_max_pass']}: no prompt could be kept")
+    if values["overlong_cache"] >= values["max_new_tokens"]:
+        raise UserError(f"--overlong-cache {values['overlong_cache']}: must be below --max-new-tokens "
+                        f"{values['max_new_tokens']}")
+    if values["objective"] == "grpo" and values["updates_per_rollout"] > values["batch_size"]:
+        raise UserError(f"--updates-per-rollout {values['updates_per_rollout']} is above --batch-size "
+                        f"{values['batch_size']}: every update needs at least one group")
 
 
 def objectives() -> tuple[str, ...]:
@@ -144,21 +193,44 @@ def recipe_names() -> list[str]:
 
 
 def read_toml(path: Path, parser: argparse.ArgumentParser) -> dict:
-    """A TOML file of flag values -> {dest: value}; an unknown key is an error naming the file."""
-    known = vars(parser.parse_args([]))
-    with open(path, "rb") as f:
-        values = tomllib.load(f)
-    unknown = [k for k in values if k.replace("-", "_") not in known]
+    """A TOML file of flag values -> {dest: value}, each checked as the parser checks the flag's text; an
+    unknown key, a value of the wrong type or not among the flag's choices is an error naming the file."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    unknown = [k for k in values if k.replace("-", "_") not in actions]
     if unknown:
-        raise SystemExit(f"{path}: unknown key {unknown[0]!r} (see python train.py --help)")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+        raise UserError(f"{path}: unknown key {unknown[0]!r} (see python train.py --help)")
+    return {k.replace("-", "_"): toml_value(actions[k.replace("-", "_")], v, f"{path}: {k}")
+            for k, v in values.items()}
+
+
+def toml_value(action: argparse.Action, value, where: str):  # noqa: ANN001, ANN201 (a flag's value)
+    """A TOML value as the flag's type (a Path flag takes a string, a float flag an integer too)."""
+    if action.nargs == 0:  # store_true, --x/--no-x
+        if not isinstance(value, bool):
+            raise UserError(f"{where} = {value!r}: expected true or false")
+        return value
+    if action.nargs is not None:  # a list flag (--betas)
+        if not isinstance(value, list) or (isinstance(action.nargs, int) and len(value) != action.nargs):
+            raise UserError(f"{where} = {value!r}: expected a list of {action.nargs} values")
+        return [toml_value(argparse.Action([], action.dest, type=action.type), v, where) for v in value]
+    kind = action.type or str
+    if isinstance(value, bool) or not isinstance(value, {int: int, float: (int, float)}.get(kind, str)):
+        raise UserError(f"{where} = {value!r}: expected {'a number' if kind is float else kind.__name__}")
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{where} = {value!r}: expected one of {', '.join(map(str, action.choices))}")
+    return kind(value)
 
 
 def recipe(name: str, parser: argparse.ArgumentParser | None = None) -> dict:
     """recipes/<name>.toml as {dest: value}."""
     path = RECIPES / f"{name}.toml"
     if not path.is_file():
-        raise SystemExit(f"--recipe {name}: no {path} (recipes: {', '.join(recipe_names())})")
+        raise UserError(f"--recipe {name}: no {path} (recipes: {', '.join(recipe_names())})")
     return read_toml(path, parser or build_parser())
 
 
@@ -182,6 +254,7 @@ def resolve(given: dict, *layers: dict) -> argparse.Namespace:
         for key, value in PAIR_OBJECTIVES[values["objective"]].defaults.items():
             if values[key] is None:
                 values[key] = value
+    validate(values)
     return argparse.Namespace(**values)
 
 

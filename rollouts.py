@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data.prompts import completion_text, stop_ids
 from data.rewards import math_reward
+from errors import UserError
 from losses import overlong_penalty
 from model import ModelConfig, Transformer
 from model.generate import generate
@@ -210,5 +211,5 @@ def filter_prompts(copy: Transformer, tok, problems, sampling: Sampling, *, samp
         log.info("prompt filtering: kept %d of %d prompts (pass rate in [%g, %g]; mean %.3f)", len(keep),
                  len(problems), min_pass, max_pass, float(rates.mean()))
     if not keep:
-        raise SystemExit("prompt filtering left no prompts: widen --filter-min-pass/--filter-max-pass")
+        raise UserError("prompt filtering left no prompts: widen --filter-min-pass/--filter-max-pass")
     return keep

@@ -46,6 +46,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import checkpoint
+import errors
 import rollouts
 from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
@@ -249,15 +250,16 @@ def offline_loss_of(args: argparse.Namespace, batch, ref: torch.Tensor | None):
 @torch.no_grad()
 def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path, initial: bool):
     """DPO's π_ref(y|x) sums, [num_pairs, 2] (chosen, rejected; NaN where not needed), computed by the initial
-    model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed or longer
-    run computes only what the cache lacks): no second model in memory while training."""
-    out = torch.load(path, weights_only=True) if path.exists() else torch.full((len(dataset), 2), math.nan)
+    model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed run computes
+    only what the cache lacks, a fresh one all of it): no second model in memory while training."""
+    fresh = torch.full((len(dataset), 2), math.nan)  # a fresh run's reference is its model, not an old cache
+    out = torch.load(path, weights_only=True) if path.exists() and not initial else fresh
     missing = np.unique(units)
     missing = missing[torch.isnan(out[missing, 0]).numpy()]
     if len(missing) and not initial:
-        raise SystemExit(f"{path} lacks the reference log-probs of {len(missing)} pairs this resumed run "
-                         "needs, and the model is no longer the reference: resume with the original "
-                         "--max-steps/--epochs")
+        raise errors.UserError(f"{path} lacks the reference log-probs of {len(missing)} pairs this resumed "
+                               "run needs, and the model is no longer the reference: resume with the "
+                               "original --max-steps/--epochs")
     if len(missing):
         mine = deal(best_fit_decreasing(missing, dataset.lengths, args.batch_tokens), dataset.lengths,
                     d.world)[d.rank]
@@ -394,31 +396,31 @@ class Run:
     num_params: int
     ref: torch.Tensor | None = None  # DPO's reference log-prob sums
     step: int = 0
+    identity: dict | None = None  # checkpoint.run_identity: in each checkpoint, checked on resume
 
 
 def setup(args: argparse.Namespace) -> Run:
     """Processes → tokenizer, model config, data → the sharded model (and sampling copies) → sampler,
-    optimiser, schedule → resume from --out's newest checkpoint → DPO's reference pre-pass."""
+    optimiser, schedule → resume --out's newest checkpoint (if it is this run) → DPO's reference pre-pass."""
     d = setup_distributed()
     args.precision = args.precision or ("bf16-mixed" if d.device.type == "cuda" else "fp32")
     out = args.out or Path("runs") / args.objective
+    if args.data is None:
+        raise errors.UserError("--data is needed with --model or --init (the embedded default needs neither)")
+    ckpt = checkpoint.to_resume(out, resume=args.resume, or_start=args.resume_or_start)
+    torch.manual_seed(args.seed)
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model, args.chat_template)
+    config = model_config(args)
+    if tok.vocab_size > config.vocab_size:
+        raise errors.UserError(f"--tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
+    grpo = args.objective == "grpo"
+    data = load_data(args, tok, out.parent / ".cache")  # a bad row: an error naming file, line and field
+    identity = checkpoint.run_identity(args, config, data)
+    note = checkpoint.check_resume(ckpt, identity)  # before any weights: another run is refused
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     dist.barrier()
-    torch.manual_seed(args.seed)
-    if args.data is None:
-        raise SystemExit("train.py: --data is required with --model or --init (the embedded default needs "
-                         "neither)")
-    tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model, args.chat_template)
-    config = model_config(args)
-    if tok.vocab_size > config.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens, the model's vocab_size {config.vocab_size}")
-    grpo = args.objective == "grpo"
-    try:
-        data = load_data(args, tok, out.parent / ".cache")
-    except (ValueError, OSError) as e:  # bad input: the reader names file, line and field
-        raise SystemExit(f"train.py: {e}") from None
     model = build_model(args, config, d)
     dtype = torch.bfloat16 if args.precision != "fp32" else torch.float32
     copy = rollouts.sampling_copy(model, config, d.device, dtype) if grpo or args.eval_every else None
@@ -438,12 +440,12 @@ def setup(args: argparse.Namespace) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, updates))
     generator = torch.Generator(device=d.device).manual_seed(args.seed * 1009 + d.rank)
     run = Run(args, d, out, tok, config, data, model, copy, ref_model, sampler, optimizer, scheduler,
-              generator, total_steps, sum(p.numel() for p in model.parameters()))
-    ckpt = checkpoint.newest(out) if args.resume else None
+              generator, total_steps, sum(p.numel() for p in model.parameters()), identity=identity)
     if ckpt is not None:
-        run.step = checkpoint.load(ckpt, model, optimizer, scheduler, sampler, generator, rank=d.rank)
+        run.step = checkpoint.load(ckpt, model, optimizer, scheduler, sampler, generator, rank=d.rank,
+                                   lr=args.lr)
         if d.main:
-            log.info("resumed from %s (step %d)", ckpt, run.step)
+            log.info("resumed from %s (step %d, lr %.4g)%s", ckpt, run.step, scheduler.get_last_lr()[0], note)
     if args.objective in PAIR_OBJECTIVES and PAIR_OBJECTIVES[args.objective].reference:
         run.ref = reference_logps(args, model, data, sampler.planned_units(total_steps - run.step), d,
                                   out / "ref_logps.pt", initial=run.step == 0)
@@ -457,7 +459,7 @@ def sampling(args: argparse.Namespace) -> rollouts.Sampling:
 
 def save(run: Run) -> None:
     checkpoint.save(run.out, run.step, run.model, run.optimizer, run.scheduler, run.sampler, run.generator,
-                    rank=run.d.rank, keep=run.args.keep_last)
+                    run.identity, rank=run.d.rank, keep=run.args.keep_last)
 
 
 def optimizer_step(run: Run, sums: dict) -> dict:
@@ -590,12 +592,10 @@ def main(argv: list[str] | None = None) -> None:
             embedded.main(argv)
         else:
             train(args)
-    except FloatingPointError as e:  # a non-finite loss or gradient: nothing was applied
-        raise SystemExit(f"train.py: {e}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, "train.py")

@@ -38,12 +38,12 @@ Issue 6's targets on an H100: >= 60% of that roofline at batch 1 and >= 15,000 t
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+import errors
 import model.generate as generation
 from bench.common import environment, free_memory, markdown_table, peak_memory_gib, write_json
 from bench.kernels import Bench, measure_ceilings
@@ -128,7 +128,7 @@ def measure(name: str, call: Callable[[], list[list[int]]], bench: Bench, batch:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n")[0])
+    p = errors.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="qwen2.5-1.5b", help="model shape (model/config.py PRESETS)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="rows decoded at once")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens per row")
@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, fp32, a tiny model of the preset's family, batch 1 and 2, 8 + 4 tokens")
+    p.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
+    errors.check_ranges(vars(args), {"batch_sizes": ">= 1", "prompt_len": ">= 1", "new_tokens": ">= 1",
+                                     "temperature": ">= 0", "repeats": ">= 1", "warmup": ">= 0",
+                                     "seed": ">= 0"})
 
     config = ModelConfig.preset(args.preset)
     if args.dry_run:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         generation.COMPILE_BACKEND = "aot_eager"  # the compile path without minutes of C++ codegen
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
-        raise SystemExit("bench/generate.py measures a GPU: no CUDA device here (use --dry-run on CPU)")
+        raise errors.UserError("bench/generate.py measures a GPU: no CUDA device here (--dry-run on CPU)")
     else:
         device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
@@ -224,4 +228,4 @@ def print_report(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, "python -m bench.generate")

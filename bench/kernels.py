@@ -14,7 +14,6 @@ before it is timed (a wrong fast result is reported as WRONG, not timed).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import errors
 from kernels import cross_entropy, linear_cross_entropy, linear_logprobs
 from kernels.cross_entropy import cross_entropy_triton
 from kernels.linear_logprobs import linear_cross_entropy_triton, linear_logprobs_triton
@@ -291,16 +291,17 @@ def random_targets(n: int, vocab: int, device, gen) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
+    parser = errors.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations, only the first linear shape")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no peers/compile")
     parser.add_argument("--sweep", action="store_true", help="also time ours at other block/chunk sizes")
     parser.add_argument("--out", help="also write the results as JSON to this path")
+    parser.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        parser.error("needs a CUDA device (or --dry-run)")
+        raise errors.UserError("bench/kernels.py measures a GPU: no CUDA device here (--dry-run on CPU)")
     if args.sweep and args.dry_run:
-        parser.error("--sweep times the Triton kernels: it needs a GPU")
+        raise errors.UserError("--sweep times the Triton kernels: it needs a GPU (not --dry-run)")
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     bench = Bench(device, iters=3 if args.quick else 10, warmup=1 if args.quick else 3)
@@ -403,4 +404,4 @@ def report(rows: list[Row], ceilings: dict[str, float], bench: Bench, args) -> N
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, "python -m bench.kernels")

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import errors
 import train
 from bench.common import environment, free_memory, markdown_table, peak_memory_gib, write_json
 from bench.kernels import Bench, measure_ceilings
@@ -321,8 +322,13 @@ def setup(dry_run: bool):
     return train.setup_distributed()
 
 
+LEGAL = {"batch": ">= 1", "seq_len": ">= 2", "token_budget": ">= 1", "median_doc_len": ">= 1",
+         "doc_len_sigma": ">= 0", "min_doc_len": ">= 1", "max_doc_len": ">= 1", "phi_batch": ">= 1",
+         "phi_seq_len": ">= 2", "grad_clip": ">= 0", "steps": ">= 1", "warmup": ">= 0", "seed": ">= 0"}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
+    p = errors.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which shapes to run")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                    help="bf16: bf16 parameters and AdamW state; bf16-mixed: fp32 ones, bf16 compute")
@@ -348,12 +354,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="data")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models and documents, 1 + 1 steps")
+    p.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     args = p.parse_args(argv)
+    errors.check_ranges(vars(args), LEGAL)
+    if args.min_doc_len > args.max_doc_len:
+        raise errors.UserError(f"--min-doc-len {args.min_doc_len} is above --max-doc-len {args.max_doc_len}")
     if args.dry_run:
         args.batch, args.seq_len, args.median_doc_len, args.min_doc_len, args.max_doc_len = 2, 64, 32, 8, 96
         args.phi_seq_len, args.steps, args.warmup, args.token_budget = 64, 1, 1, None
     elif not torch.cuda.is_available():
-        raise SystemExit("bench/train_step.py measures a GPU: no CUDA device here (use --dry-run on CPU)")
+        raise errors.UserError("bench/train_step.py measures a GPU: no CUDA device here (--dry-run on CPU)")
     args.token_budget = args.token_budget or args.batch * args.seq_len
 
     initialized_here = not dist.is_initialized()
@@ -422,4 +432,4 @@ def print_report(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main, "python -m bench.train_step")

@@ -52,15 +52,22 @@ def load_benchmark(name_or_path: PathLike, *, root: PathLike | None = None) -> l
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such benchmark file (names: {', '.join(BENCHMARKS)}; or a path)")
     problems, first_line_of_id = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1})") from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: not valid JSON (nested too deeply to read)") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             problem = _read_problem(row, where)

@@ -18,7 +18,11 @@ Records:
          prompt, the messages chosen and rejected begin with alike are the prompt
   RL     {"problem": str, "answer": str | number}                   ("prompt" works for "problem")
 A malformed record is an error naming file, line (JSONL, 1-based) or row/item (Parquet, JSON; 0-based) and
-field; with skip_bad=True it is counted and skipped instead (the first few are logged).
+field; with skip_bad=True it is counted and skipped instead (the first few are logged). Malformed: a line that
+is not UTF-8, not JSON or nested too deeply to parse, a missing or mistyped field, no assistant message or an
+empty one (an SFT completion, a chosen or rejected side), an empty RL problem or answer, a conversation the
+chat template refuses. A file that cannot be read as a whole (an invalid .json list, a damaged .parquet) is an
+error naming it, skip_bad or not.
 
 Which tokens after an assistant message's content carry loss (completion_end; text documents: all, EOS
 appended, either way):
@@ -61,7 +65,9 @@ data_preprocess/study_length_distribution.py, then their DPO trainer's cuts), R 
     (concatenated_forward's keep_end; never reached with that template at REDI's 800 / 19,800).
 A pair is dropped as a unit when either side is dropped; each side is truncated on its own. Text documents
 have no prompt: keep_end keeps their last max_len tokens (and so does "redi"). The counts (read, kept,
-skipped_bad, dropped_prompt_too_long, dropped_too_long, truncated) are logged and kept in `dataset.stats`.
+skipped_bad, dropped_prompt_too_long, dropped_too_long, truncated) are logged and kept in `dataset.stats`,
+with `fingerprint`, the cache key below (for RL: the same hash of the files, tokenizer and options), which a
+checkpoint records so that a resumed run can tell it reads the same data.
 
 Cache: <cache_dir>/<kind>-<key>/ holds tokens.npy (int32, every sequence end to end), mask.npy (bool, loss
 tokens), offsets.npy (int64, sequence j = [offsets[j], offsets[j+1]); a pair is sequences 2i (chosen) and
@@ -103,6 +109,7 @@ COMPLETION_ENDS = ("im_end", "eos")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 FIELDS = ("messages", "prompt", "completion", "text", "chosen", "rejected", "problem", "answer")
 RULES = ("dropped_prompt_too_long", "dropped_too_long", "truncated")
+_TEXT_FIELDS = ("content", "reasoning_content", "thinking", "reasoning")  # what an assistant message says
 CHUNK = 32  # records per task sent to a worker
 SHOWN_BAD = 5  # skipped records whose message is logged
 
@@ -264,18 +271,20 @@ def data_files(path: str | os.PathLike) -> list[Path]:
 
 
 def read_records(files: list[Path]) -> Iterator[tuple[int, str, str, Any]]:
-    """(row number over all files, where, "json" | "value", payload): a JSONL line stays text ("json"), parsed
-    in the worker; other records come parsed ("value")."""
+    """(row number over all files, where, form, payload): a JSONL line ("json") and a .txt document ("text")
+    stay bytes, decoded and parsed in the worker (so an undecodable one is a bad record, skippable); the
+    records of a .json list and of Parquet come parsed ("value"). A file that cannot be read as a whole (an
+    invalid .json, a damaged Parquet) is an error naming it."""
     row = 0
     for file in files:
         if file.suffix == ".jsonl":
-            with open(file, encoding="utf-8") as f:
+            with open(file, "rb") as f:
                 for line_number, line in enumerate(f, start=1):
                     if line.strip():
                         yield row, f"{file}:{line_number}", "json", line
                         row += 1
         elif file.suffix == ".json":
-            items = json.loads(file.read_text(encoding="utf-8"))
+            items = _json_file(file)
             if not isinstance(items, list):
                 raise ValueError(f"{file}: expected a JSON list of records, got {type(items).__name__}")
             for i, item in enumerate(items):
@@ -286,19 +295,45 @@ def read_records(files: list[Path]) -> Iterator[tuple[int, str, str, Any]]:
                 yield row, f"{file}:row {i}", "value", record
                 row += 1
         else:  # .txt: one document
-            yield row, str(file), "value", file.read_text(encoding="utf-8")
+            yield row, str(file), "text", file.read_bytes()
             row += 1
+
+
+def _json_file(file: Path):  # noqa: ANN202 (parsed JSON)
+    """A whole .json file, parsed; not UTF-8 or not JSON is an error naming the file and line."""
+    data = file.read_bytes()
+    try:
+        return json.loads(_utf8(data, str(file)))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: nested too deeply to read") from None
+
+
+def _utf8(data: bytes, where: str) -> str:
+    """data as text; a BadRecord naming the first byte that is not UTF-8 and its line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        at = f"line {line}, column {column}" if b"\n" in data[:e.start] else f"column {column}"
+        raise BadRecord(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {at})") from None
 
 
 def _parquet_rows(file: Path) -> Iterator[dict]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"{file}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    parquet = pq.ParquetFile(file)
-    columns = [c for c in parquet.schema_arrow.names if c in FIELDS] or None  # others stay on disk
-    for batch in parquet.iter_batches(batch_size=256, columns=columns):
-        yield from batch.to_pylist()
+    try:
+        parquet = pq.ParquetFile(file)
+        columns = [c for c in parquet.schema_arrow.names if c in FIELDS] or None  # others stay on disk
+        for batch in parquet.iter_batches(batch_size=256, columns=columns):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
 
 
 def _kind(value) -> str:
@@ -327,8 +362,13 @@ def _messages(value, where: str, name: str, string_role: str | None) -> list[dic
 
 
 def _require_assistant(messages: list[dict], where: str, name: str) -> list[dict]:
+    """messages with an assistant message, none of them empty (an empty one teaches nothing but EOS: refused,
+    as an empty RL answer is)."""
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(f"{where}: field '{name}': no assistant message (nothing would carry loss)")
+    for m in messages:
+        if m["role"] == "assistant" and not any(str(m.get(k) or "").strip() for k in _TEXT_FIELDS):
+            raise BadRecord(f"{where}: field '{name}': an empty assistant message")
     return messages
 
 
@@ -392,6 +432,8 @@ def rl_example(record, where: str, tok: Tokenizer, prompt_suffix: str, think_pre
     name = "problem" if record.get("problem") is not None else "prompt"
     value = record.get(name)
     if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord(f"{where}: field '{name}': empty")
         problem, messages = value, [{"role": "user", "content": user_message(value, prompt_suffix)}]
     elif isinstance(value, list):
         messages = _messages(value, where, name, None)
@@ -443,8 +485,7 @@ class TokenizeJob:
         out = []
         for row, where, form, payload in chunk:
             try:
-                record = _parse_json(payload, where) if form == "json" else payload
-                out.append(self.one(row, where, record))
+                out.append(self.one(row, where, _record(form, payload, where)))
             except BadRecord as e:
                 out.append(("bad", str(e)))
         return out
@@ -501,11 +542,20 @@ class TokenizeJob:
         return count(prompt), count(response)
 
 
-def _parse_json(line: str, where: str):
+def _record(form: str, payload, where: str):  # noqa: ANN001, ANN202 (a record)
+    """The record read_records yielded: a JSONL line (bytes) decoded and parsed, a .txt document decoded, a
+    parsed one as is; BadRecord naming file:line for a line that is not UTF-8, not JSON, or too deeply
+    nested to parse."""
+    if form == "text":  # newlines as a text-mode read gives them
+        return _utf8(payload, where).replace("\r\n", "\n").replace("\r", "\n")
+    if form != "json":
+        return payload
     try:
-        return json.loads(line)
+        return json.loads(_utf8(payload, where))
     except json.JSONDecodeError as e:
         raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadRecord(f"{where}: not valid JSON (nested too deeply to read)") from None
 
 
 _worker_job: TokenizeJob | None = None
@@ -579,8 +629,8 @@ def load_rl(path: str | os.PathLike, tok: Tokenizer, *, max_prompt_len: int | No
     for _, where, form, payload in read_records(files):
         counts["read"] += 1
         try:
-            record = _parse_json(payload, where) if form == "json" else payload
-            example = rl_example(record, where, tok, prompt_suffix, think_prefix, template_kwargs or {})
+            example = rl_example(_record(form, payload, where), where, tok, prompt_suffix, think_prefix,
+                                 template_kwargs or {})
         except BadRecord as e:
             _bad_record(e, skip_bad, counts, bad)
             continue
@@ -589,6 +639,9 @@ def load_rl(path: str | os.PathLike, tok: Tokenizer, *, max_prompt_len: int | No
             continue
         examples.append(example)
     stats = _stats(files, counts, bad, kept=len(examples))
+    options = {"max_prompt_len": max_prompt_len, "think_prefix": think_prefix, "skip_bad": skip_bad,
+               "prompt_suffix": prompt_suffix, "template_kwargs": template_kwargs or {}}
+    stats["fingerprint"] = cache_key("rl", files, tok, options)
     _log_stats("rl", path, stats)
     if not examples:
         raise ValueError(f"{path}: no problems left ({_summary(stats)})")
@@ -639,16 +692,15 @@ def _load(kind: str, path, tok: Tokenizer, rules: LengthRules, think_prefix: boo
           cache_dir, num_workers: int, template_kwargs: dict, completion_end: str) -> TokenizedDataset:
     files = data_files(path)
     job = TokenizeJob(tok, kind, rules, think_prefix, template_kwargs, completion_end)  # checks the options
-    directory = None
+    options = {"max_len": rules.max_len, "max_prompt_len": rules.max_prompt_len,
+               "truncation": rules.truncation, "length_rule": rules.rule, "completion_end": completion_end,
+               "think_prefix": think_prefix, "skip_bad": skip_bad, "template_kwargs": template_kwargs}
+    key, directory = cache_key(kind, files, tok, options), None
     if cache_dir is not None:
-        options = {"max_len": rules.max_len, "max_prompt_len": rules.max_prompt_len,
-                   "truncation": rules.truncation, "length_rule": rules.rule,
-                   "completion_end": completion_end, "think_prefix": think_prefix, "skip_bad": skip_bad,
-                   "template_kwargs": template_kwargs}
-        directory = Path(cache_dir) / f"{kind}-{cache_key(kind, files, tok, options)[:32]}"
+        directory = Path(cache_dir) / f"{kind}-{key[:32]}"
         if (directory / "meta.json").exists():
             dataset = TokenizedDataset.load(directory)
-            dataset.stats["cache"] = "hit"
+            dataset.stats.update(cache="hit", fingerprint=key)
             log.info("%s %s: cache hit %s (%d units, %d tokens)", kind, path, directory, len(dataset),
                      len(dataset.tokens))
             return dataset
@@ -687,5 +739,5 @@ def _load(kind: str, path, tok: Tokenizer, rules: LengthRules, think_prefix: boo
         dataset.save(directory)
         dataset = TokenizedDataset.load(directory)  # memory-mapped: the pages are shared and can be dropped
         log.info("%s %s: cached in %s", kind, path, directory)
-    dataset.stats["cache"] = "miss" if directory is not None else "off"
+    dataset.stats.update(cache="miss" if directory is not None else "off", fingerprint=key)
     return dataset

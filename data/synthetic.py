@@ -38,7 +38,6 @@ The same parameters give byte-identical files. The output is built in a temporar
 place, so a reader (or a second rank building the same task) never sees half of one.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -456,12 +455,16 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
+    from errors import DEBUG_HELP, ArgumentParser  # the command line only: data/ imports nothing above it
+
+    parser = ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (reused when already built alike)")
     for name, default in asdict(TaskParams()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
                             help=f"{PARAM_HELP[name]} (default: {default})")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = vars(parser.parse_args(argv))
+    args.pop("debug")
     paths = build_task(args.pop("out"), **args)
     stats = json.loads(paths["stats"].read_text())
     print(json.dumps({"paths": {k: str(v) for k, v in paths.items()},
@@ -469,4 +472,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the entry points' one error report: top level, so only here (data/ itself imports nothing above it)
+    from errors import run
+
+    run(main, "python -m data.synthetic")

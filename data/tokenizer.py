@@ -80,7 +80,11 @@ class Tokenizer:
         if "tokenizer.json" not in files:
             raise FileNotFoundError(f"{source}: no tokenizer.json (the only format read)")
         self.files, self.source = dict(files), source
-        self.backend = Backend.from_str(files["tokenizer.json"].decode("utf-8"))
+        try:
+            self.backend = Backend.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file)
+            raise ValueError(f"{source}/tokenizer.json: not a tokenizer the tokenizers library reads "
+                             f"({type(e).__name__}: {e})") from None
         config = _json_file(files, "tokenizer_config.json", source)
         special_map = _json_file(files, "special_tokens_map.json", source)
         self.special_tokens = {}  # name -> text, as the template sees them
@@ -385,5 +389,9 @@ def _fetch_from_hub(name: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise FileNotFoundError(f"{name}: not a directory, and no huggingface_hub to fetch it") from None
-    return Path(snapshot_download(name, allow_patterns=list(TOKENIZER_FILES)))
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as e:  # noqa: BLE001 (offline, unknown repository, gated, ...: the hub's many errors)
+        raise FileNotFoundError(f"{name}: not a tokenizer directory, and the hub download failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 

@@ -118,7 +118,8 @@ class ModelConfig:
     def preset(cls, name: str) -> ModelConfig:
         """A named shape: `tiny` (the CPU demo model) or a published checkpoint's config (see PRESETS)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r} (known: {sorted(PRESETS)})")
+            raise ValueError(f"{name!r}: not a checkpoint directory, a hub name or a known preset "
+                             f"(presets: {', '.join(sorted(PRESETS))})")
         return cls(**PRESETS[name])
 
     @classmethod
@@ -129,7 +130,14 @@ class ModelConfig:
         else:
             path = Path(source)
             path = path / "config.json" if path.is_dir() else path
-            hf, where = json.loads(path.read_text()), str(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file (a checkpoint directory holds config.json)")
+            try:
+                hf, where = json.loads(path.read_text(encoding="utf-8")), str(path)
+            except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply
+                raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+            if not isinstance(hf, dict):
+                raise ValueError(f"{path}: expected a JSON object, got {type(hf).__name__}")
         return cls(**_fields_from_hf(hf, where))
 
     def to_hf(self, dtype: str | None = None) -> dict[str, Any]:

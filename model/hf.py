@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
@@ -41,6 +41,7 @@ except ImportError:  # a torch built without distributed
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SHOWN_PROBLEMS = 12  # a checkpoint's missing / unexpected / mis-shaped tensors named in its error
 IGNORED_CHECKPOINT_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old checkpoints carry
 
 
@@ -87,18 +88,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(
             f"{path}: not a local directory, and huggingface_hub is not installed to fetch it from the hub"
         ) from err
-    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # noqa: BLE001 (offline, unknown repository, gated, ...: the hub's many errors)
+        raise FileNotFoundError(f"{path}: not a local directory, and the hub download failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: those its index names, or model.safetensors."""
     if (path / INDEX_FILE).exists():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path / INDEX_FILE}: not a safetensors index (a JSON object with a "
+                             f"'weight_map' of tensor -> file): {type(e).__name__}: {e}") from None
+        return [path / name for name in names]
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
     found = sorted(p.name for p in path.iterdir())
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} (found: {found})")
+
+
+def _safe_open(file: Path):  # noqa: ANN202 (safetensors' handle)
+    """safe_open(file), an unreadable file (truncated, not safetensors, absent) an error naming it."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -147,7 +165,7 @@ def load_hf_weights(
     files = checkpoint_files(path)
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             for key in f.keys():
                 found[key] = (file, tuple(f.get_slice(key).get_shape()))
     skip = {k for k in found if IGNORED_CHECKPOINT_KEYS.match(k)}
@@ -161,14 +179,14 @@ def load_hf_weights(
         if k in found and found[k][1] != shape
     ]
     if misshaped or (strict and (missing or unexpected)):
-        lines = [f"checkpoint {path} does not fit the {config.architecture} model:"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mis-shaped: {m}" for m in misshaped]
-        raise ValueError("\n".join(lines))
+        problems = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
+        problems += [f"mis-shaped: {m}" for m in misshaped]
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise ValueError(f"checkpoint {path} does not fit the {config.architecture} model: "
+                         + "; ".join(problems[:SHOWN_PROBLEMS]) + more)
 
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             for key in f.keys():
                 if key not in expected:
                     continue

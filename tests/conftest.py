@@ -22,3 +22,19 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found (shared data lives beside the checkout; set NANOREASON_SHARED)")
     return path
+
+
+def cli_error(main, prog: str, argv: list[str], capsys, code: int = 2) -> str:
+    """Run an entry point's main(argv) under errors.run in this process; assert it failed with `code` and
+    printed exactly one line `prog: ...` and no traceback; return that line."""
+    import errors
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        errors.run(main, prog, argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: ")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]

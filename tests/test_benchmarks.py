@@ -92,3 +92,14 @@ def test_missing_or_empty_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no problems"):
         load_benchmark(tmp_path / "empty.jsonl")
+
+
+def test_undecodable_or_too_deep_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    first = json.dumps({"problem": "fine", "answer": "1"}).encode()
+    path.write_bytes(first + b'\n{"problem": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not UTF-8 text \\(byte 0xe9 at column 17\\)"):
+        load_benchmark(path)
+    path.write_bytes(first + b"\n" + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON \\(nested too deeply"):
+        load_benchmark(path)

@@ -3,6 +3,7 @@ rules and their counts, the on-disk cache (hit, miss on a changed file or option
 
 import json
 import logging
+import re
 import sys
 
 import numpy as np
@@ -251,3 +252,86 @@ def test_parallel_tokenization_matches_inline(tok, tmp_path):
     assert parallel.stats["skipped_bad"] == 1 and 77 not in parallel.rows.tolist() and len(parallel) == 149
     with pytest.raises(ValueError, match="sft.jsonl:78: field 'prompt'"):
         load_sft(path, tok, num_workers=2)
+
+
+def test_undecodable_and_too_deep_lines_name_file_and_line_and_can_be_skipped(tok, tmp_path):
+    """A non-UTF-8 byte or a line nested 100k deep is one bad record (file:line), not the whole file."""
+    good = json.dumps(SFT[0]).encode()
+    latin1 = good.replace(b"What", b"Wh\xe9t")
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"\n".join([good, latin1, good, b"[" * 100_000 + b"]" * 100_000, good]) + b"\n")
+    column = good.index(b"What") + 3
+    message = f"{path}:2: not UTF-8 text (byte 0xe9 at column {column})"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_sft(path, tok)
+    ds = load_sft(path, tok, skip_bad=True)
+    assert (len(ds), ds.stats["skipped_bad"], ds.rows.tolist()) == (3, 2, [0, 2, 4])
+    assert ds.stats["bad_examples"][1] == f"{path}:4: not valid JSON (nested too deeply to read)"
+    rl = tmp_path / "rl.jsonl"
+    rl.write_bytes(b'{"problem": "1 + 1?", "answer": "2"}\n{"problem": "caf\xe9?", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{rl}:2: not UTF-8 text")):
+        load_rl(rl, tok)
+    assert len(load_rl(rl, tok, skip_bad=True)) == 1
+    text = tmp_path / "docs"
+    text.mkdir()
+    (text / "a.txt").write_bytes(b"fine text")
+    (text / "b.txt").write_bytes(b"line one\nline \xff two")
+    with pytest.raises(ValueError, match=re.escape(f"{text / 'b.txt'}: not UTF-8 text (byte 0xff at line 2")):
+        load_sft(text, tok)
+    assert len(load_sft(text, tok, skip_bad=True)) == 1
+
+
+def test_a_file_that_cannot_be_read_names_itself(tok, tmp_path):
+    """An invalid .json list or a damaged .parquet is an error naming the file, --skip-bad or not."""
+    broken = tmp_path / "list.json"
+    broken.write_text('[{"text": "a"},\n {"text": "b"')
+    for skip_bad in (False, True):
+        message = f"{broken}: not valid JSON (Expecting ',' delimiter at line 2"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_sft(broken, tok, skip_bad=skip_bad)
+    broken.write_bytes(b'[{"text": "a"},\n {"text": "\xe9"}]')
+    with pytest.raises(ValueError, match=re.escape(f"{broken}: not UTF-8 text (byte 0xe9 at line 2")):
+        load_sft(broken, tok)
+    damaged = tmp_path / "rows.parquet"
+    damaged.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=re.escape(f"{damaged}: not a readable Parquet file")):
+        load_sft(damaged, tok, skip_bad=True)
+
+
+GOOD = {load_sft: SFT[0], load_pairs: {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+        load_rl: {"problem": "Q?", "answer": "1"}}
+
+
+@pytest.mark.parametrize("loader,record,field", [
+    (load_sft, {"prompt": "Q?", "completion": ""}, "completion"),
+    (load_sft, {"prompt": "Q?", "completion": " \n"}, "completion"),
+    (load_sft, {"messages": chat("Q?", "")}, "messages"),
+    (load_sft, {"messages": [*chat("Q?", ""), *chat("again", "fine")]}, "messages"),
+    (load_pairs, {"prompt": "Q?", "chosen": "", "rejected": "no"}, "chosen"),
+    (load_pairs, {"prompt": "Q?", "chosen": "yes", "rejected": ""}, "rejected"),
+    (load_pairs, {"chosen": chat("Q?", "yes"), "rejected": chat("Q?", "")}, "rejected"),
+    (load_rl, {"problem": "", "answer": "1"}, "problem"),
+    (load_rl, {"problem": "Q?", "answer": " "}, "answer"),
+])
+def test_empty_completions_are_refused_or_skipped_like_an_empty_answer(tok, tmp_path, loader, record, field):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD[loader], record])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: field '{field}'")):
+        loader(path, tok)
+    kept = loader(path, tok, skip_bad=True)
+    assert len(kept) == 1 and kept.stats["skipped_bad"] == 1
+
+
+def test_fingerprint_is_the_same_data_and_options_only(tok, tmp_path):
+    """What a checkpoint records to tell a resumed run reads the same data: equal on a cache hit and miss,
+    different for other bytes or another data option."""
+    path = write_jsonl(tmp_path / "sft.jsonl", SFT)
+    miss = load_sft(path, tok, cache_dir=tmp_path / "cache")
+    hit = load_sft(path, tok, cache_dir=tmp_path / "cache")
+    assert (miss.stats["cache"], hit.stats["cache"]) == ("miss", "hit")
+    assert miss.stats["fingerprint"] == hit.stats["fingerprint"] == load_sft(path, tok).stats["fingerprint"]
+    assert load_sft(path, tok, max_len=999).stats["fingerprint"] != miss.stats["fingerprint"]
+    other = write_jsonl(tmp_path / "other.jsonl", SFT[:3])
+    assert load_sft(other, tok).stats["fingerprint"] != miss.stats["fingerprint"]
+    rl = write_jsonl(tmp_path / "rl.jsonl", [GOOD[load_rl]])
+    assert load_rl(rl, tok).stats["fingerprint"] == load_rl(rl, tok).stats["fingerprint"]
+    assert load_rl(rl, tok, think_prefix=True).stats["fingerprint"] != load_rl(rl, tok).stats["fingerprint"]

@@ -96,3 +96,23 @@ def test_a_stage_trained_by_other_code_is_retrained(shrunk, tmp_path, monkeypatc
     monkeypatch.setattr(embedded, "code_digest", lambda: "another version of the code")
     run(argv)
     assert weights.stat().st_mtime_ns != first
+
+
+def test_resume_continues_an_unfinished_stage_and_a_changed_stage_starts_over(shrunk, tmp_path):
+    """A stage with checkpoints and no stamp (stopped midway) is refused without --resume and continued with
+    it; a finished stage whose settings changed is retrained from scratch, its old checkpoints removed."""
+    import shutil
+
+    argv = ["--objective", "sft", "--max-steps", "2", "--out", str(tmp_path), "--eval-limit", "1"]
+    run([*argv, "--save-every", "1"])
+    sft = tmp_path / "sft"
+    (sft / "stage.json").unlink()  # as if stopped after its last checkpoint
+    shutil.rmtree(sft / "hf")
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        run([*argv, "--save-every", "1"])
+    run([*argv, "--save-every", "1", "--resume"])
+    steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (sft / "hf" / "model.safetensors").exists()
+    run([*argv, "--save-every", "2"])  # other settings: trained anew (step_00000001 was the old run's)
+    steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and sorted(p.name for p in (sft / "ckpt").iterdir()) == ["step_00000002"]

@@ -7,6 +7,7 @@ import json
 import statistics
 
 import pytest
+from conftest import cli_error
 from test_generate import chain_model
 
 import eval as evaluation
@@ -129,8 +130,39 @@ def test_eval_end_to_end_resume_and_pairs(task, tmp_path, capsys):
         assert pair["chosen"] == "\\boxed{2}" and pair["rejected"] == "\\boxed{3}"
         assert pair["prompt"] in {"What is 1 + 1?", "What is 4 - 2?", "What is 0 + 2?"}
 
-    with pytest.raises(SystemExit, match="differing"):
+    with pytest.raises(ValueError, match="differing"):  # errors.UserError: eval.py: ... exit 2
         run(task, out, "--seed", "1")
+
+
+def test_bad_input_is_one_line_naming_file_line_field_or_flag(task, tmp_path, capsys):
+    """Each of these once printed a traceback (ZeroDivisionError for --n 0)."""
+    model_dir, problems, _ = task
+
+    def error(*argv: str, benchmark=problems, model=model_dir) -> str:
+        return cli_error(evaluation.main, "eval.py", ["--model", str(model), "--benchmark", str(benchmark),
+                                                      "--out", str(tmp_path / "out.json"), "--no-progress",
+                                                      "--max-new-tokens", "4", *argv], capsys)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "1 + 2?"}\n')
+    assert error(benchmark=bad).startswith(f"eval.py: {bad}:2: no answer field")
+    bad.write_text('{"problem": "1 + 1?", "answer": "2"\n')
+    assert error(benchmark=bad).startswith(f"eval.py: {bad}:1: not valid JSON")
+    bad.write_bytes(b'{"problem": "caf\xe9?", "answer": "2"}\n')
+    assert error(benchmark=bad) == f"eval.py: {bad}:1: not UTF-8 text (byte 0xe9 at column 17)"
+    bad.write_text("")
+    assert error(benchmark=bad) == f"eval.py: {bad}: no problems in the file"
+    assert "not a benchmark name" in error(benchmark=tmp_path / "missing.jsonl")
+    assert error("--n", "0") == "eval.py: --n 0: out of range, must be >= 1"
+    assert error("--top-p", "1.5") == "eval.py: --top-p 1.5: out of range, must be (0, 1]"
+    assert error("--limit", "0") == "eval.py: --limit 0: out of range, must be >= 1"
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (weightless / name).write_bytes((model_dir / name).read_bytes())
+    assert "neither model.safetensors.index.json nor model.safetensors" in error(model=weightless)
+    (tmp_path / "out.json").write_text("not json")
+    assert error().startswith(f"eval.py: {tmp_path / 'out.json'}: not an eval.py output to resume")
 
 
 def test_evaluate_from_code(task):

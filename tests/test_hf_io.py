@@ -143,6 +143,7 @@ def test_checkpoint_problems_are_listed_in_one_error(tmp_path):
         "mis-shaped: model.norm.weight (model.safetensors): checkpoint [47], model expects [48]",
     ):
         assert line in message
+    assert "\n" not in message  # one line: an entry point prints it as it is
 
     # without the mis-shaped ones, strict=False loads what is there and reports the rest
     tensors["model.embed_tokens.weight"] = torch.ones(97, 48)
@@ -271,3 +272,30 @@ def fsdp2_worker(path: Path) -> None:
 
 if __name__ == "__main__":
     fsdp2_worker(Path(sys.argv[1]))
+
+
+def test_a_bad_model_directory_names_the_file(tmp_path):
+    """A truncated .safetensors, a config.json or index that is not JSON, a tokenizer.json that is not a
+    tokenizer: each error names the file (they once gave the parser's message alone)."""
+    import re
+
+    from data.tokenizer import Tokenizer
+
+    random_model(CONFIGS["tiny"]).save_pretrained(tmp_path)
+    path = tmp_path
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file")):
+        Transformer.from_pretrained(path)
+    (path / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'model.safetensors.index.json'}: not a "
+                                                   "safetensors index")):
+        Transformer.from_pretrained(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'config.json'}: not valid JSON")):
+        Transformer.from_pretrained(path)
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{path / 'config.json'}: no such file")):
+        Transformer.from_pretrained(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}/tokenizer.json: not a tokenizer")):
+        Tokenizer({"tokenizer.json": b"{not json"}, source=str(path))

@@ -1,15 +1,20 @@
 """train.py end to end on CPU: 2 processes (torchrun, gloo) match 1, resume after SIGKILL is bit-exact, bad
-data fails cleanly, the HF export loads with the same logits. Each run is a few steps of the tiny model on a
-small synthetic task."""
+data fails cleanly, the HF export loads with the same logits; --resume continues only the checkpoint's own
+run (another objective, model, data, seed or batch is refused naming both values, a new --lr and schedule
+are applied and logged, nothing to resume is an error), per-rank state loads with weights_only=True, bad
+models and tokenizers are one-line errors. Each run is a few steps of the tiny model on a small synthetic
+task."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, cli_error
 
 from data.synthetic import build_task
 
@@ -195,7 +200,7 @@ def test_recipes_and_config_file(tmp_path):
     args = train.parse_args(["--config", str(config), "--recipe", "redi", "--alpha", "1.0"])
     assert (args.lr, args.max_prompt_len, args.alpha) == (2e-6, 512, 1.0)  # flags > file > recipe
     config.write_text("learning_rate = 1\n")
-    with pytest.raises(SystemExit, match="unknown key 'learning_rate'"):
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):  # errors.UserError: exit status 2
         train.parse_args(["--config", str(config)])
 
 
@@ -209,3 +214,141 @@ def test_non_finite_loss_stops_cleanly_before_the_update(task, tmp_path):
     assert steps and all(name.startswith("step_") for name in steps)  # no half-written checkpoint
     last = metrics(out)[-1]
     assert all(v == v and abs(v) != float("inf") for v in last.values())  # only finite steps were logged
+
+
+# ---- --resume: the checkpoint's own run, or a one-line refusal (in process, through errors.run) -----------
+
+
+@pytest.fixture(scope="module")
+def checkpointed(task, tmp_path_factory):
+    """An SFT run of 2 steps, its checkpoint at step 2, started by --resume-or-start (nothing to resume)."""
+    import train
+
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    train.main(stage_args(task, "sft", out) + ["--max-steps", "2", "--save-every", "2", "--no-export",
+                                               "--resume-or-start"])
+    return out
+
+
+def continued(task, out, *extra: str, objective: str = "sft") -> list[str]:
+    return stage_args(task, objective, out) + ["--max-steps", "2", "--no-export", "--resume", *extra]
+
+
+def test_resume_with_nothing_to_resume_says_so_and_stops(task, tmp_path, capsys):
+    import train
+
+    out = tmp_path / "run"
+    line = cli_error(train.main, "train.py", continued(task, out), capsys)
+    assert line == (f"train.py: --resume: no checkpoint in {out / 'ckpt'}, nothing to resume "
+                    "(--resume-or-start starts fresh when there is none)")
+    assert not out.exists()  # nothing written
+
+
+def test_a_fresh_run_into_a_run_with_checkpoints_is_refused(task, checkpointed, capsys):
+    import train
+
+    args = [a for a in continued(task, checkpointed) if a != "--resume"]
+    line = cli_error(train.main, "train.py", args, capsys)
+    assert line.startswith(f"train.py: --out {checkpointed} holds checkpoints of an earlier run (newest: "
+                           "step_00000002): --resume continues it")
+
+
+@pytest.mark.parametrize("change,message", [
+    ("objective", "{ckpt} is a sft run, this is --objective redi: continue it with --objective sft"),
+    ("model", "{ckpt} holds another model: rope_theta 10000.0 there, 50000.0 here"),
+    ("data", "{ckpt} was trained on other data: {data} ("),
+    ("seed", "{ckpt} was trained with --seed 3, this run has 4"),
+    ("batch", "{ckpt} was trained with --batch-size 8, this run has 4"),
+])
+def test_resume_refuses_another_run_naming_both_values(task, checkpointed, tmp_path, capsys, change, message):
+    """Once: redi continued the SFT checkpoint, another shape gave a DCP traceback, other data trained."""
+    import train
+
+    ckpt = checkpointed / "ckpt" / "step_00000002"
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(task["sft"].read_text().splitlines(keepends=True)[:30]))
+    args = {"objective": continued(task, checkpointed, objective="redi"),
+            "model": continued(task, checkpointed, "--rope-theta", "50000"),
+            "data": continued(task, checkpointed, "--data", str(fewer)),
+            "seed": continued(task, checkpointed, "--seed", "4"),
+            "batch": continued(task, checkpointed, "--batch-size", "4")}[change]
+    before = {p: p.read_bytes() for p in checkpointed.rglob("*") if p.is_file()}
+    line = cli_error(train.main, "train.py", args, capsys)
+    assert line.startswith("train.py: --resume: " + message.format(ckpt=ckpt, data=task["sft"])), line
+    assert {p: p.read_bytes() for p in checkpointed.rglob("*") if p.is_file()} == before
+
+
+def test_resume_applies_a_new_lr_and_schedule_and_logs_them(task, checkpointed, tmp_path, caplog):
+    """The restored optimiser and scheduler take the new --lr (they once kept the checkpoint's)."""
+    import train
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed, out)
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(continued(task, out, "--max-steps", "4", "--lr", "5e-4", "--schedule", "constant"))
+    resumed = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed from"))
+    assert "(step 2, lr 0.0005); changed since: " in resumed
+    for change in ("--lr 0.001 -> 0.0005", "--schedule cosine -> constant", "--max-steps 2 -> 4"):
+        assert change in resumed, resumed
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["lr"] == rows[3]["lr"] == 5e-4
+
+
+def test_rank_state_is_plain_and_a_pickled_object_in_it_is_refused(task, checkpointed, tmp_path, capsys):
+    import train
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed, out)
+    state_file = out / "ckpt" / "step_00000002" / "rank0.pt"
+    state = torch.load(state_file, weights_only=True)  # tensors, numbers, strings and containers only
+    marker = tmp_path / "ran"
+    torch.save({**state, "payload": Payload(str(marker))}, state_file)
+    line = cli_error(train.main, "train.py", continued(task, out, "--max-steps", "3"), capsys)
+    assert line.startswith(f"train.py: {state_file}: refused, it holds a pickled object"), line
+    assert not marker.exists()  # never unpickled
+
+
+class Payload:
+    """Unpickling this would create a file: what a hostile checkpoint could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ---- bad models and tokenizers: one line naming the file or tensor -----------------------------------------
+
+
+def test_bad_models_and_tokenizers_are_one_line_errors(task, tmp_path, capsys):
+    import train
+    from model import ModelConfig, Transformer
+
+    model = tmp_path / "model"
+    Transformer(ModelConfig.preset("tiny")).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(task["tokenizer"] / name, model / name)
+
+    def error(*argv: str) -> str:
+        args = [*STAGE["sft"], "--batch-size", "8", "--batch-tokens", "400", "--data", str(task["sft"]),
+                "--out", str(tmp_path / "out"), "--max-steps", "1", "--no-export", *argv]
+        return cli_error(train.main, "train.py", args, capsys)
+
+    assert error("--init", str(model), "--tokenizer", str(tmp_path / "none")) == \
+        f"train.py: {tmp_path / 'none'}: no such tokenizer directory"
+    assert error("--init", "nanoreason-tests/no-such-model", "--tokenizer", str(model)).startswith(
+        "train.py: nanoreason-tests/no-such-model: not a local directory, and the hub download failed")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, model / "model.safetensors")
+    assert error("--init", str(model)) == (f"train.py: checkpoint {model} does not fit the Qwen3ForCausalLM "
+                                           "model: missing: model.norm.weight")
+    save_file({**weights, "model.norm.weight": torch.ones(7)}, model / "model.safetensors")
+    assert "mis-shaped: model.norm.weight (model.safetensors): checkpoint [7], model expects [128]" in \
+        error("--init", str(model))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    assert error("--model", str(model)).startswith(f"train.py: {model / 'config.json'}: architectures=")

@@ -28,7 +28,6 @@ counts of what was kept and why the rest was not. The synthetic task (data/synth
 and pairs with the same `select`.
 """
 
-import argparse
 import json
 import os
 from collections import Counter
@@ -133,19 +132,31 @@ def read_rows(path: str | os.PathLike, columns: Iterable[str] = ()) -> Iterator[
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            parquet = pq.ParquetFile(file)
-            names = [c for c in parquet.schema_arrow.names if c in set(columns)] or None
-            for batch in parquet.iter_batches(batch_size=64, columns=names):
-                yield from batch.to_pylist()
+            try:
+                parquet = pq.ParquetFile(file)
+                names = [c for c in parquet.schema_arrow.names if c in set(columns)] or None
+                for batch in parquet.iter_batches(batch_size=64, columns=names):
+                    yield from batch.to_pylist()
+            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
         elif file.suffix == ".jsonl":
-            with open(file, encoding="utf-8") as f:
+            with open(file, "rb") as f:
                 for line_number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{file}:{line_number}: not UTF-8 text (byte 0x{line[e.start]:02x} "
+                                         f"at column {e.start + 1})") from None
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{file}:{line_number}: not valid JSON ({e})") from None
+                    except RecursionError:
+                        raise ValueError(f"{file}:{line_number}: nested too deeply to read") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{file}:{line_number}: expected a JSON object, got "
+                                         f"{type(row).__name__}")
+                    yield row
         else:
             raise ValueError(f"{file}: expected a .parquet or .jsonl file")
 
@@ -186,8 +197,10 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from errors import DEBUG_HELP, ArgumentParser  # the command line only: data/ imports nothing above it
+
     description = __doc__.split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog="python -m data.recipes.openr1", description=description)
+    parser = ArgumentParser(prog="python -m data.recipes.openr1", description=description)
     parser.add_argument(
         "--input", required=True, help="an OpenR1-Math-Raw .parquet or .jsonl file, or a directory of them"
     )
@@ -209,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a generation with a verifier's verdict missing (null): incorrect (REDI's bool(None)), so it "
         "can be the rejected one; unverified: neither chosen nor rejected",
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     counts = build(
         args.input,
@@ -221,4 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the entry points' one error report: top level, so only here (data/ itself imports nothing above it)
+    from errors import run
+
+    run(main, "python -m data.recipes.openr1")
