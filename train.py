@@ -53,16 +53,7 @@ from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_s
 from data.tokenizer import Tokenizer
 from eval import evaluate_shards, load_problems
 from flags import parse_args
-from losses import (
-    PAIR_OBJECTIVES,
-    PairLogps,
-    group_advantages,
-    grpo_loss,
-    grpo_loss_unit,
-    sequence_lengths,
-    sequence_logps,
-    sft_loss,
-)
+from losses import PAIR_OBJECTIVES, PairLogps, group_advantages, grpo_loss, grpo_loss_unit, sft_loss
 from metrics import MetricsLog, peak_flops, train_flops
 from model import ModelConfig, Transformer
 from model.hf import load_hf_weights, resolve_checkpoint
@@ -221,12 +212,9 @@ def forward_loss(model: Transformer, batch, loss_of, linear: bool, **options) ->
 
 
 def pair_logps(logp: torch.Tensor, batch, ref: torch.Tensor | None) -> PairLogps:
-    """Per-pair sums and lengths; documents come chosen, rejected, chosen, rejected, …"""
-    num_docs = batch.cu_seqlens.shape[0] - 1
-    seq = sequence_logps(logp, batch.seq_id, num_docs)
-    lens = sequence_lengths(batch.targets != -100, batch.seq_id, num_docs)
-    refs = ref[batch.doc_index[0::2]].unbind(1) if ref is not None else ()
-    return PairLogps(seq[0::2], lens[0::2], seq[1::2], lens[1::2], *refs)
+    """Per-pair sums and lengths of a pair batch, and the reference's sums of its pairs (DPO)."""
+    return PairLogps.of_packed(logp, batch.seq_id, batch.targets != -100, batch.cu_seqlens.shape[0] - 1,
+                               ref[batch.doc_index[0::2]] if ref is not None else None)
 
 
 def offline_loss_of(args: argparse.Namespace, batch, ref: torch.Tensor | None):

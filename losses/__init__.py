@@ -35,6 +35,15 @@ class PairLogps:
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
 
+    @classmethod
+    def of_packed(cls, token_logps: torch.Tensor, seq_id: torch.Tensor, loss_mask: torch.Tensor,
+                  num_seqs: int, ref: torch.Tensor | None = None) -> "PairLogps":
+        """From per-token log-probs [T] of a packed batch whose sequences go chosen, rejected, chosen, … and
+        `ref` [B, 2], the reference's (chosen, rejected) sums of its pairs (or None)."""
+        seq = sequence_logps(token_logps, seq_id, num_seqs)
+        lens = sequence_lengths(loss_mask, seq_id, num_seqs)
+        return cls(seq[0::2], lens[0::2], seq[1::2], lens[1::2], *(ref.unbind(1) if ref is not None else ()))
+
 
 @dataclass(frozen=True)
 class PairObjective:
