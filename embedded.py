@@ -1,24 +1,39 @@
-"""The embedded default: `python train.py --objective redi` with no --data, --model or --init.
+"""The embedded default: `python train.py --objective ...` with no --data, --model or --init.
 
-    python train.py --objective redi              # task → SFT → REDI, DPO, SimPO → held-out table
-    python train.py --objective redi --lr 3e-5    # flags apply to the stage(s) --objective names
+    python train.py --objective redi              # task → SFT → control, REDI, symmetric REDI, DPO, SimPO
+    python train.py --objective redi --seeds 3    # the pair stages repeated over 3 seeds of pair order
+    python train.py --objective redi --lr 3e-5    # one learning rate for every pair stage (no sweep)
     python train.py --objective sft --max-steps 6 # only the SFT stage, with these flags
     python train.py --objective grpo              # task → SFT → GRPO
 
 No network, no weights: it builds the synthetic task (data/synthetic.py, under <out>/task), trains the `tiny`
 model through the recipe's stages, and evaluates every model on the task's held-out problems. Each stage
-is configured like any run (flags.py: defaults ← recipes/embedded-<stage>.toml ← the flags given), with
-the paths (tokenizer, data, init, out) set here; the flags a user gives apply to the stage --objective
-names — with --objective redi to every pair stage, which are compared at equal settings (--alpha and
---beta, which mean something else for each, stay with their own objective). A stage whose settings and
-training code are those of a finished run in its directory (<out>/<stage>/stage.json) is reused, not
-retrained; other code (an edited file, another torch, another thread count) retrains it. An interrupted
+is configured like any run (flags.py: defaults ← recipes/embedded-*.toml ← the flags given), with the
+paths (tokenizer, data, init, out) set here. The flags a user gives apply to the stage --objective names;
+with a pair objective to every pair stage, which are compared at equal settings (--alpha stays with REDI,
+--beta with the objective named). A stage whose settings and training code are those of a finished run in
+its directory (<out>/<stage>/stage.json) is reused, not retrained; other code retrains it. An interrupted
 stage leaves its checkpoints: `--resume` (or `--resume-or-start`) continues every unfinished stage from its
 newest checkpoint and starts those that have none; without it, a stage with checkpoints is refused.
 
-Results: <out>/results.md (the table printed) and <out>/results.json, per model {"accuracy", "stderr",
-"problems"}; the device, torch version and thread count under "run". Greedy decoding and a fixed thread
-count per process make the table the same from run to run on the same torch build and core count.
+The REDI comparison (DESIGN.md "Scientific claims"). From the same SFT weights, on the same pairs, at equal
+steps: control (REDI with α = 0: the chosen traces' likelihood alone, continued SFT), REDI α 0.8, symmetric
+REDI α 1, DPO and SimPO (recipes/embedded-pairs.toml, then recipes/embedded-<row>.toml). Each row trains at
+every learning rate of --lr-grid (the same grid for every row) and keeps the one with the best greedy pass@1
+on the validation split; that model is evaluated on the test split. With --seeds K the pair stages (sweep
+included) are repeated with K seeds of pair order. Per row, over the N test problems (c_i ∈ {0, 1}):
+    accuracy         mean_i c_i (over seeds: the mean of the seeds' accuracies)
+    stderr           sqrt(p(1 − p) / (N·K)), the binomial error of that mean over problems
+    paired_diff      mean_i (c_i − c_control,i): the gain over the control on the same problems (seed mean)
+    paired_stderr    sd_i(d̄_i, ddof 1) / sqrt(N), d̄_i = problem i's difference averaged over the seeds
+    seed_mean, seed_stderr, paired_seed_stderr   (K > 1) the mean and sd/sqrt(K) over seeds of the accuracy,
+                     and sd/sqrt(K) over seeds of the paired difference
+and how often the model picks each way of solving and how often each way fails (data.synthetic.trace_way).
+
+Results: <out>/results.md (the table printed) and <out>/results.json ({"run", "task", "models"});
+<out>/redi_dynamics.png, the chosen and rejected per-token log-probs over training of each row (seed 0, its
+chosen lr). Greedy decoding and a fixed thread count per process make the tables the same from run to run
+on the same torch build and core count.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 import flags
+from data import synthetic
 from data.tokenizer import Tokenizer
 from eval import evaluate_shards, load_problems
 from losses import PAIR_OBJECTIVES
@@ -43,28 +59,30 @@ from train import setup_distributed, train
 
 log = logging.getLogger("embedded")
 ROOT = Path(__file__).resolve().parent
-TASK = dict(ops="+-", operand_min=1, operand_max=30, max_value=99, min_steps=2, max_steps=2)
-DATA = {"sft": "sft", "redi": "pairs", "dpo": "pairs", "simpo": "pairs", "grpo": "rl"}
+TASK: dict = {}  # data.synthetic.TaskParams fields that differ from its defaults
+PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo": "dpo", "simpo": "simpo"}
 # read here, not passed to stages (--resume becomes every stage's --resume-or-start)
-OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "resume", "resume_or_start")
-OBJECTIVE_FLAGS = {"alpha": "redi", "beta": None}  # None: only for the objective the user names
-# no effect on a stage's weights
-UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every")
+OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "lr_grid", "resume", "resume_or_start")
+UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every",
+             "lr_grid")  # no effect on a stage's weights
 
 
 def stage_args(stage: str, user: dict, paths: dict) -> argparse.Namespace:
-    """A stage's settings: defaults ← recipes/embedded-<stage>.toml ← the user's flags ← the paths."""
-    return flags.resolve({**user, **paths}, flags.recipe(f"embedded-{stage}"))
+    """A stage's settings: defaults ← recipes/embedded-pairs.toml (pair rows) ← recipes/embedded-<stage>.toml
+    ← the user's flags ← the paths."""
+    layers = [flags.recipe("embedded-pairs")] if stage in PAIR_ROWS else []
+    return flags.resolve({**user, **paths}, *layers, flags.recipe(f"embedded-{stage}"))
 
 
 def user_flags_for(stage: str, named: str, given: dict) -> dict:
     """The flags the user gave that apply to `stage` (see the module docstring)."""
-    if stage != named and not (named in PAIR_OBJECTIVES and stage in PAIR_OBJECTIVES):
-        return {}
     passed = {k: v for k, v in given.items() if k not in OWN_FLAGS}
-    if stage != named:  # a comparison stage: the objective-specific flags stay with theirs
-        passed = {k: v for k, v in passed.items() if k not in OBJECTIVE_FLAGS or OBJECTIVE_FLAGS[k] == stage}
-    return passed
+    if stage == named:
+        return passed
+    if not (named in PAIR_OBJECTIVES and stage in PAIR_ROWS):
+        return {}
+    own = {"alpha": stage == "redi", "beta": PAIR_ROWS[stage] == named}  # objective flags stay with theirs
+    return {k: v for k, v in passed.items() if own.get(k, True)}
 
 
 def code_digest() -> str:
@@ -85,7 +103,7 @@ def run_stage(args: argparse.Namespace, rank: int) -> Path:
     wanted = json.dumps({"settings": settings, "code": code_digest()}, default=str, indent=1)
     if (args.out / "hf" / "config.json").exists() and stamp.exists() and stamp.read_text() == wanted:
         if rank == 0:
-            log.info("%s: reusing %s (same settings; delete it to retrain)", args.objective, args.out / "hf")
+            log.info("%s: reusing %s (same settings; delete it to retrain)", args.out.name, args.out / "hf")
         return args.out / "hf"
     if stamp.exists():  # a finished stage of other settings or code: retrained from scratch, not resumed
         if rank == 0:
@@ -99,62 +117,160 @@ def run_stage(args: argparse.Namespace, rank: int) -> Path:
     return hf
 
 
-def accuracy_row(result, num: int) -> dict:
-    """pass@1 over the problems and its binomial standard error sqrt(p(1 − p)/N)."""
-    acc = result.pass_at_1
-    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / max(num, 1)), "problems": num}
+class Grader:
+    """Greedy pass@1 of a model on a split, per problem, with the way each completion took."""
+
+    def __init__(self, task: dict, split: str, budget: int, limit: int | None, d):
+        _, problems, self.suffix = load_problems(str(task[split]))
+        self.problems = problems[:limit] if limit else problems
+        self.tok, self.budget, self.d = Tokenizer.from_pretrained(task["tokenizer"]), budget, d
+
+    def __call__(self, model: Transformer | Path) -> dict:
+        if isinstance(model, Path):
+            model = Transformer.from_pretrained(model, device=self.d.device)
+        result = evaluate_shards(model.eval(), self.tok, self.problems, rank=self.d.rank, world=self.d.world,
+                                 n=1, temperature=0.0, top_p=1.0, max_new_tokens=self.budget, batch_size=512,
+                                 prompt_suffix=self.suffix)
+        correct = [p.rewards[0] for p in result.problems]
+        ways = [synthetic.trace_way(p.completions[0]) for p in result.problems]
+        return {"correct": correct, "ways": synthetic.way_table(ways, [c == 1.0 for c in correct])}
 
 
-def table(results: dict, num: int, budget: int) -> str:
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def row_stats(runs: list[dict], control: list[dict] | None) -> dict:
+    """The module docstring's statistics of one row from its K seeds' graded runs (and the control's)."""
+    accuracies = [mean_sd(r["correct"])[0] for r in runs]
+    n, k = len(runs[0]["correct"]), len(runs)
+    p = sum(accuracies) / k
+    row = {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / (n * k)), "problems": n, "ways": runs[0]["ways"]}
+    if control is not None:
+        diffs = [[a - b for a, b in zip(r["correct"], c["correct"], strict=True)]
+                 for r, c in zip(runs, control, strict=True)]
+        per_problem = [sum(col) / k for col in zip(*diffs, strict=True)]
+        mean, sd = mean_sd(per_problem)
+        row |= {"paired_diff": mean, "paired_stderr": sd / math.sqrt(n)}
+        if k > 1:
+            row["paired_seed_stderr"] = mean_sd([mean_sd(d)[0] for d in diffs])[1] / math.sqrt(k)
+    if k > 1:
+        seed_mean, seed_sd = mean_sd(accuracies)
+        row |= {"seed_mean": seed_mean, "seed_stderr": seed_sd / math.sqrt(k), "seeds": accuracies}
+    return row
+
+
+def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, common: dict, grade_val,
+                    grade_test, rank: int) -> tuple[dict, dict]:
+    """Every pair row (or the control and the named one with --no-compare), each learning rate of the grid,
+    each seed → ({row: row_stats}, {row: [(seed, lr, metrics path)]} for the dynamics plot)."""
+    rows = list(PAIR_ROWS) if given.get("compare", True) else ["control", named]
+    grid = [given["lr"]] if "lr" in given else flags.recipe("embedded-pairs").get("lr_grid", [1e-5])
+    grid = given.get("lr_grid", grid)
+    base_seed = common["seed"]
+    graded, chosen = {row: [] for row in rows}, {row: [] for row in rows}
+    for k in range(given.get("seeds", 1)):
+        for row in rows:
+            best = None
+            for lr in grid:
+                paths = {**common, "seed": base_seed + k, "lr": lr, "data": str(task["pairs"]),
+                         "init": str(sft), "out": root / row / f"seed{k}" / f"lr{lr:g}"}
+                hf = run_stage(stage_args(row, user_flags_for(row, named, given), paths), rank)
+                score = mean_sd(grade_val(hf)["correct"])[0]
+                if rank == 0:
+                    log.info("%s seed %d lr %g: validation pass@1 %.3f", row, k, lr, score)
+                if best is None or score > best[0]:  # ties keep the smaller learning rate
+                    best = (score, lr, hf)
+            graded[row].append(grade_test(best[2]) | {"lr": best[1], "val": best[0]})
+            chosen[row].append((k, best[1], best[2].parent / "metrics.jsonl"))
+    stats = {row: row_stats(graded[row], graded["control"] if row != "control" else None) for row in rows}
+    for row in rows:
+        stats[row] |= {"lr": [g["lr"] for g in graded[row]], "val_accuracy": [g["val"] for g in graded[row]]}
+    return stats, chosen
+
+
+def dynamics_plot(chosen: dict, path: Path) -> None:
+    """Chosen and rejected per-token log-probs over training, one line per row (seed 0, its chosen lr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+    for row, runs in chosen.items():
+        _, lr, metrics = runs[0]
+        points = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        points = [p for p in points if "chosen_logp" in p]
+        for ax, key in zip(axes, ("chosen_logp", "rejected_logp"), strict=True):
+            ax.plot([p["step"] for p in points], [p[key] for p in points], label=f"{row} (lr {lr:g})")
+    for ax, title in zip(axes, ("chosen: log π(y_w)/|y_w|", "rejected: log π(y_l)/|y_l|"), strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(models: dict, num: int, budget: int) -> str:
+    """Markdown: accuracy ± stderr, the paired difference against the control ± its stderr, the seeds'
+    spread, the learning rate chosen, and the way the model solves (share direct, failure per way)."""
     lines = [f"held-out accuracy on {num} synthetic problems (greedy, pass@1, {budget} new tokens max)", "",
-             "| model | accuracy | ± stderr |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {r['accuracy']:.3f} | {r['stderr']:.3f} |" for name, r in results.items()]
+             "| model | lr | accuracy ± se | vs control ± paired se | over seeds | direct picked | "
+             "fails: careful / direct |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in models.items():
+        lr = "/".join(f"{x:g}" for x in r["lr"]) if "lr" in r else ""
+        paired = f"{r['paired_diff']:+.3f} ± {r['paired_stderr']:.3f}" if "paired_diff" in r else ""
+        seeds = f"{r['seed_mean']:.3f} ± {r['seed_stderr']:.3f}" if "seed_mean" in r else ""
+        ways = r["ways"]
+        fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
+                           for w in synthetic.WAYS)
+        lines.append(f"| {name} | {lr} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {paired} | {seeds} | "
+                     f"{ways['direct']['pick_rate']:.2f} | {fails} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> dict:
     """Build the task, run the stages --objective asks for, evaluate every model, write the results."""
-    from data.synthetic import build_task
-
     given = flags.given_flags(argv)
     named = given.get("objective", "sft")
     root = Path(given.get("out", "runs/embedded"))
     seed = given.get("seed", 0)
     d = setup_distributed()
     if d.main:  # rank 0 writes the task; the others then read it (a cache hit by its manifest)
-        build_task(root / "task", **TASK)
+        synthetic.build_task(root / "task", **TASK)
     dist.barrier()
-    task = build_task(root / "task", **TASK)
-    common = {"model": "tiny", "tokenizer": str(task["tokenizer"]), "eval_data": str(task["test"]),
+    task = synthetic.build_task(root / "task", **TASK)
+    common = {"model": "tiny", "tokenizer": str(task["tokenizer"]), "eval_data": str(task["val"]),
               "seed": seed, "resume_or_start": bool(given.get("resume") or given.get("resume_or_start"))}
     sft_paths = {**common, "data": str(task["sft"]), "out": root / "sft"}
-    trained = {"sft": run_stage(stage_args("sft", user_flags_for("sft", named, given), sft_paths), d.rank)}
-    stages = [] if named == "sft" else [named]
-    if named in PAIR_OBJECTIVES and given.get("compare", True):
-        stages += [o for o in PAIR_OBJECTIVES if o != named]
-    for stage in stages:
-        paths = {**common, "data": str(task[DATA[stage]]), "init": str(trained["sft"]), "out": root / stage}
-        trained[stage] = run_stage(stage_args(stage, user_flags_for(stage, named, given), paths), d.rank)
-
+    sft = run_stage(stage_args("sft", user_flags_for("sft", named, given), sft_paths), d.rank)
     budget = given.get("eval_max_new_tokens", 64)
-    _, problems, suffix = load_problems(str(task["test"]))
-    problems = problems[: given.get("eval_limit", 500)]
-    tok = Tokenizer.from_pretrained(task["tokenizer"])
+    grade_val = Grader(task, "val", budget, None, d)
+    grade_test = Grader(task, "test", budget, given.get("eval_limit"), d)
     base = Transformer(ModelConfig.preset("tiny")).to(d.device)
     base.init_weights(torch.Generator().manual_seed(seed))
-    models = {"base (random init)": base} | {name: Transformer.from_pretrained(path, device=d.device)
-                                             for name, path in trained.items()}
-    results = {}
-    for name, model in models.items():
-        result = evaluate_shards(model.eval(), tok, problems, rank=d.rank, world=d.world, seed=seed, n=1,
-                                 temperature=0.0, top_p=1.0, max_new_tokens=budget, batch_size=512,
-                                 prompt_suffix=suffix)
-        results[name] = accuracy_row(result, len(problems))
-    text = table(results, len(problems), budget)
+    sft_graded = grade_test(sft)
+    models = {"base (random init)": row_stats([grade_test(base)], None), "sft": row_stats([sft_graded], None)}
+    chosen = {}
+    if named in PAIR_OBJECTIVES:
+        rows, chosen = pair_comparison(named, given, task, root, sft, common, grade_val, grade_test, d.rank)
+        models |= rows
+    elif named == "grpo":
+        paths = {**common, "data": str(task["rl"]), "init": str(sft), "out": root / "grpo"}
+        hf = run_stage(stage_args("grpo", user_flags_for("grpo", named, given), paths), d.rank)
+        graded = grade_test(hf)
+        models["grpo"] = row_stats([graded], [sft_graded])  # paired against the SFT model it started from
+    text = table(models, models["sft"]["problems"], budget)
     if d.main:
         print(text)
         run = {"device": str(d.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "ranks": d.world}
+        stats = json.loads(task["stats"].read_text())
         (root / "results.md").write_text(text + "\n")
-        (root / "results.json").write_text(json.dumps({"run": run, "models": results}, indent=2) + "\n")
-    return results
+        (root / "results.json").write_text(json.dumps({"run": run, "task": stats.get("teacher", {}),
+                                                       "models": models}, indent=2) + "\n")
+        if chosen:
+            dynamics_plot(chosen, root / "redi_dynamics.png")
+    return models

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="train every pair objective from the same SFT weights and compare them")
     g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
+    g.add_argument("--lr-grid", type=float, nargs="+",
+                   help="the pair stages' learning rates, each row keeping its best on validation (default: "
+                   "recipes/embedded-pairs.toml; --lr: that one rate)")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
@@ -158,7 +161,7 @@ LEGAL = {
     "updates_per_rollout": ">= 1", "filter_samples": ">= 0", "filter_max_pass": "[0, 1]",
     "filter_min_pass": "[0, 1]", "rollout_batch_size": ">= 1",
     "eval_every": ">= 0", "eval_limit": ">= 1", "eval_n": ">= 1", "eval_temperature": ">= 0",
-    "eval_max_new_tokens": ">= 1",
+    "eval_max_new_tokens": ">= 1", "lr_grid": "> 0",
     "save_every": ">= 0", "keep_last": ">= 1", "log_every": ">= 1", "seeds": ">= 1",
 }
 
