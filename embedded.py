@@ -39,15 +39,20 @@ on the same torch build and core count.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import flags
 from data import synthetic
@@ -62,9 +67,10 @@ ROOT = Path(__file__).resolve().parent
 TASK: dict = {}  # data.synthetic.TaskParams fields that differ from its defaults
 PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo": "dpo", "simpo": "simpo"}
 # read here, not passed to stages (--resume becomes every stage's --resume-or-start)
-OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "lr_grid", "resume", "resume_or_start")
+OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "lr_grid", "workers", "resume",
+             "resume_or_start")
 UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every",
-             "lr_grid")  # no effect on a stage's weights
+             "lr_grid", "workers")  # no effect on a stage's weights
 
 
 def stage_args(stage: str, user: dict, paths: dict) -> argparse.Namespace:
@@ -85,22 +91,22 @@ def user_flags_for(stage: str, named: str, given: dict) -> dict:
     return {k: v for k, v in passed.items() if own.get(k, True)}
 
 
-def code_digest() -> str:
+def code_digest(threads: int) -> str:
     """sha256 of what a stage's weights depend on besides its settings: the training code (every .py file
-    of the checkout but tests/ and bench/), the torch version and the thread count."""
-    digest = hashlib.sha256(f"{torch.__version__} {torch.get_num_threads()}".encode())
+    of the checkout but tests/ and bench/), the torch version and the thread count it trains with."""
+    digest = hashlib.sha256(f"{torch.__version__} {threads}".encode())
     for path in sorted(ROOT.rglob("*.py")):
         if path.relative_to(ROOT).parts[0] not in ("tests", "bench", "runs"):
             digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
 
 
-def run_stage(args: argparse.Namespace, rank: int) -> Path:
+def run_stage(args: argparse.Namespace, rank: int, code: str) -> Path:
     """train(args) unless <out>/hf holds a finished run of exactly these settings, trained by this code
-    (code_digest): the stage cache. A stage trained by other code is retrained, never silently reused."""
+    (`code`: code_digest): the stage cache. A stage trained by other code is retrained, never reused."""
     stamp = args.out / "stage.json"
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in UNSTAMPED}
-    wanted = json.dumps({"settings": settings, "code": code_digest()}, default=str, indent=1)
+    wanted = json.dumps({"settings": settings, "code": code}, default=str, indent=1)
     if (args.out / "hf" / "config.json").exists() and stamp.exists() and stamp.read_text() == wanted:
         if rank == 0:
             log.info("%s: reusing %s (same settings; delete it to retrain)", args.out.name, args.out / "hf")
@@ -117,23 +123,89 @@ def run_stage(args: argparse.Namespace, rank: int) -> Path:
     return hf
 
 
-class Grader:
-    """Greedy pass@1 of a model on a split, per problem, with the way each completion took."""
+@dataclass
+class Job:
+    """A stage to train (cached by run_stage) or a model to grade, and the splits to grade it on."""
 
-    def __init__(self, task: dict, split: str, budget: int, limit: int | None, d):
-        _, problems, self.suffix = load_problems(str(task[split]))
-        self.problems = problems[:limit] if limit else problems
-        self.tok, self.budget, self.d = Tokenizer.from_pretrained(task["tokenizer"]), budget, d
+    args: argparse.Namespace | None = None  # the stage's settings; None: grade `model` as it is
+    model: Path | None = None
+    splits: tuple[str, ...] = ("test",)
 
-    def __call__(self, model: Transformer | Path) -> dict:
-        if isinstance(model, Path):
-            model = Transformer.from_pretrained(model, device=self.d.device)
-        result = evaluate_shards(model.eval(), self.tok, self.problems, rank=self.d.rank, world=self.d.world,
-                                 n=1, temperature=0.0, top_p=1.0, max_new_tokens=self.budget, batch_size=512,
-                                 prompt_suffix=self.suffix)
-        correct = [p.rewards[0] for p in result.problems]
-        ways = [synthetic.trace_way(p.completions[0]) for p in result.problems]
-        return {"correct": correct, "ways": synthetic.way_table(ways, [c == 1.0 for c in correct])}
+
+def grade(model: Path, problems: list, suffix: str, tok: Tokenizer, budget: int, d) -> dict:
+    """Greedy pass@1 per problem and the way (data.synthetic.trace_way) each completion took."""
+    model = Transformer.from_pretrained(model, device=d.device).eval()
+    result = evaluate_shards(model, tok, problems, rank=d.rank, world=d.world, n=1, temperature=0.0,
+                             top_p=1.0, max_new_tokens=budget, batch_size=512, prompt_suffix=suffix)
+    correct = [p.rewards[0] for p in result.problems]
+    ways = [synthetic.trace_way(p.completions[0]) for p in result.problems]
+    return {"correct": correct, "ways": synthetic.way_table(ways, [c == 1.0 for c in correct])}
+
+
+def do_job(job: Job, task: dict, budget: int, limits: dict, code: str) -> dict:
+    """Train (or reuse) the job's stage, then grade its model: {"hf", <split>: grade(...) for each split}."""
+    d = setup_distributed()
+    hf = run_stage(job.args, d.rank, code) if job.args is not None else job.model
+    tok, out = Tokenizer.from_pretrained(task["tokenizer"]), {"hf": hf}
+    for split in job.splits:
+        _, problems, suffix = load_problems(str(task[split]))
+        out[split] = grade(hf, problems[: limits.get(split)], suffix, tok, budget, d)
+    return out
+
+
+def _pin_worker(cores) -> None:  # noqa: ANN001
+    """A pool worker on one core of its own, so every stage trains with one thread wherever it runs."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cores.get()})
+    logging.basicConfig(level=logging.WARNING)
+
+
+class Runner:
+    """Runs waves of independent jobs, each stage on one core: with `workers` > 1 in a pool of processes
+    pinned to a core each, else here, pinned to one core while the jobs run. A stage then trains on one
+    thread however many cores there are, so its numbers do not depend on them or on the scheduling. Under
+    torchrun every rank runs the jobs here, in order, on its share of the cores."""
+
+    def __init__(self, task: dict, budget: int, limits: dict, d, workers: int | None = None):
+        self.task, self.budget, self.limits, self.d, self.pool = task, budget, limits, d, None
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cores = cores[: workers or len(cores)] if d.world == 1 else []
+        self.threads = 1 if self.cores else torch.get_num_threads()  # per stage
+        self.code = code_digest(self.threads)
+
+    def __call__(self, jobs: list[Job], desc: str) -> list[dict]:
+        run = functools.partial(do_job, task=self.task, budget=self.budget, limits=self.limits,
+                                code=self.code)
+        if len(self.cores) <= 1:
+            return self._here(run, jobs, desc)
+        if self.pool is None:
+            context = multiprocessing.get_context("spawn")
+            queue = context.Queue()
+            for core in self.cores:
+                queue.put(core)
+            bars = os.environ.get("TQDM_DISABLE")
+            os.environ["TQDM_DISABLE"] = "1"  # the workers' bars would interleave: one bar per wave, here
+            try:
+                self.pool = context.Pool(len(self.cores), initializer=_pin_worker, initargs=(queue,))
+            finally:
+                os.environ.pop("TQDM_DISABLE") if bars is None else os.environ.update(TQDM_DISABLE=bars)
+        return list(tqdm(self.pool.imap(run, jobs), total=len(jobs), desc=desc, disable=not self.d.main))
+
+    def _here(self, run, jobs: list[Job], desc: str) -> list[dict]:  # noqa: ANN001
+        if not self.cores:
+            return [run(job) for job in jobs]
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {self.cores[0]})
+        try:
+            return [run(job) for job in jobs]
+        finally:
+            os.sched_setaffinity(0, allowed)
+            torch.set_num_threads(len(allowed))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -161,32 +233,35 @@ def row_stats(runs: list[dict], control: list[dict] | None) -> dict:
     return row
 
 
-def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, common: dict, grade_val,
-                    grade_test, rank: int) -> tuple[dict, dict]:
+def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, common: dict,
+                    runner: Runner) -> tuple[dict, dict]:
     """Every pair row (or the control and the named one with --no-compare), each learning rate of the grid,
-    each seed → ({row: row_stats}, {row: [(seed, lr, metrics path)]} for the dynamics plot)."""
+    each seed → ({row: row_stats}, {row: [(seed, lr, metrics path)]} for the dynamics plot). Two waves: every
+    (seed, row, lr) trained and graded on validation, then each (seed, row)'s best graded on test."""
     rows = list(PAIR_ROWS) if given.get("compare", True) else ["control", named]
-    grid = [given["lr"]] if "lr" in given else flags.recipe("embedded-pairs").get("lr_grid", [1e-5])
-    grid = given.get("lr_grid", grid)
-    base_seed = common["seed"]
-    graded, chosen = {row: [] for row in rows}, {row: [] for row in rows}
-    for k in range(given.get("seeds", 1)):
-        for row in rows:
-            best = None
-            for lr in grid:
-                paths = {**common, "seed": base_seed + k, "lr": lr, "data": str(task["pairs"]),
-                         "init": str(sft), "out": root / row / f"seed{k}" / f"lr{lr:g}"}
-                hf = run_stage(stage_args(row, user_flags_for(row, named, given), paths), rank)
-                score = mean_sd(grade_val(hf)["correct"])[0]
-                if rank == 0:
-                    log.info("%s seed %d lr %g: validation pass@1 %.3f", row, k, lr, score)
-                if best is None or score > best[0]:  # ties keep the smaller learning rate
-                    best = (score, lr, hf)
-            graded[row].append(grade_test(best[2]) | {"lr": best[1], "val": best[0]})
-            chosen[row].append((k, best[1], best[2].parent / "metrics.jsonl"))
-    stats = {row: row_stats(graded[row], graded["control"] if row != "control" else None) for row in rows}
+    grid = given.get("lr_grid", [given["lr"]] if "lr" in given else flags.recipe("embedded-pairs")["lr_grid"])
+    runs = [(k, row, lr) for k in range(given.get("seeds", 1)) for row in rows for lr in grid]
+    jobs = [Job(stage_args(row, user_flags_for(row, named, given),
+                           {**common, "seed": common["seed"] + k, "lr": lr, "data": str(task["pairs"]),
+                            "init": str(sft), "out": root / row / f"seed{k}" / f"lr{lr:g}"}), splits=("val",))
+            for k, row, lr in runs]
+    best = {}
+    for (k, row, lr), done in zip(runs, runner(jobs, "pair stages"), strict=True):
+        score = mean_sd(done["val"]["correct"])[0]
+        log.info("%s seed %d lr %g: validation pass@1 %.3f", row, k, lr, score)
+        if (k, row) not in best or score > best[k, row][0]:  # ties keep the smaller learning rate
+            best[k, row] = (score, lr, done["hf"])
+    keys = list(best)
+    tested = dict(zip(keys, runner([Job(model=best[key][2]) for key in keys], "test"), strict=True))
+    graded = {row: [tested[k, r] | {"lr": best[k, r][1], "val": best[k, r][0]} for k, r in keys if r == row]
+              for row in rows}
+    control = [g["test"] for g in graded["control"]]
+    stats = {row: row_stats([g["test"] for g in graded[row]], control if row != "control" else None)
+             for row in rows}
     for row in rows:
         stats[row] |= {"lr": [g["lr"] for g in graded[row]], "val_accuracy": [g["val"] for g in graded[row]]}
+    chosen = {row: [(k, best[k, r][1], best[k, r][2].parent / "metrics.jsonl") for k, r in keys if r == row]
+              for row in rows}
     return stats, chosen
 
 
@@ -238,35 +313,39 @@ def main(argv: list[str]) -> dict:
     root = Path(given.get("out", "runs/embedded"))
     seed = given.get("seed", 0)
     d = setup_distributed()
-    if d.main:  # rank 0 writes the task; the others then read it (a cache hit by its manifest)
+    if d.main:  # rank 0 writes the task and the base model; the others then read them
         synthetic.build_task(root / "task", **TASK)
+        base = root / "base" / "hf"
+        if not (base / "config.json").exists():
+            model = Transformer(ModelConfig.preset("tiny"))
+            model.init_weights(torch.Generator().manual_seed(seed))
+            model.save_pretrained(base)
     dist.barrier()
     task = synthetic.build_task(root / "task", **TASK)
     common = {"model": "tiny", "tokenizer": str(task["tokenizer"]), "eval_data": str(task["val"]),
               "seed": seed, "resume_or_start": bool(given.get("resume") or given.get("resume_or_start"))}
-    sft_paths = {**common, "data": str(task["sft"]), "out": root / "sft"}
-    sft = run_stage(stage_args("sft", user_flags_for("sft", named, given), sft_paths), d.rank)
     budget = given.get("eval_max_new_tokens", 64)
-    grade_val = Grader(task, "val", budget, None, d)
-    grade_test = Grader(task, "test", budget, given.get("eval_limit"), d)
-    base = Transformer(ModelConfig.preset("tiny")).to(d.device)
-    base.init_weights(torch.Generator().manual_seed(seed))
-    sft_graded = grade_test(sft)
-    models = {"base (random init)": row_stats([grade_test(base)], None), "sft": row_stats([sft_graded], None)}
+    runner = Runner(task, budget, {"test": given.get("eval_limit")}, d, given.get("workers"))
+    sft_args = stage_args("sft", user_flags_for("sft", named, given),
+                          {**common, "data": str(task["sft"]), "out": root / "sft"})
+    base, sft = runner([Job(model=root / "base" / "hf"), Job(sft_args)], "sft")
+    models = {"base (random init)": row_stats([base["test"]], None), "sft": row_stats([sft["test"]], None)}
     chosen = {}
-    if named in PAIR_OBJECTIVES:
-        rows, chosen = pair_comparison(named, given, task, root, sft, common, grade_val, grade_test, d.rank)
-        models |= rows
-    elif named == "grpo":
-        paths = {**common, "data": str(task["rl"]), "init": str(sft), "out": root / "grpo"}
-        hf = run_stage(stage_args("grpo", user_flags_for("grpo", named, given), paths), d.rank)
-        graded = grade_test(hf)
-        models["grpo"] = row_stats([graded], [sft_graded])  # paired against the SFT model it started from
+    try:
+        if named in PAIR_OBJECTIVES:
+            rows, chosen = pair_comparison(named, given, task, root, sft["hf"], common, runner)
+            models |= rows
+        elif named == "grpo":
+            paths = {**common, "data": str(task["rl"]), "init": str(sft["hf"]), "out": root / "grpo"}
+            (grpo,) = runner([Job(stage_args("grpo", user_flags_for("grpo", named, given), paths))], "grpo")
+            models["grpo"] = row_stats([grpo["test"]], [sft["test"]])  # paired against its start, the SFT
+    finally:
+        runner.close()
     text = table(models, models["sft"]["problems"], budget)
     if d.main:
         print(text)
-        run = {"device": str(d.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "ranks": d.world}
+        run = {"device": str(d.device), "torch": torch.__version__, "threads_per_stage": runner.threads,
+               "workers": len(runner.cores), "ranks": d.world}
         stats = json.loads(task["stats"].read_text())
         (root / "results.md").write_text(text + "\n")
         (root / "results.json").write_text(json.dumps({"run": run, "task": stats.get("teacher", {}),

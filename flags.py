@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="train every pair objective from the same SFT weights and compare them")
     g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
+    g.add_argument("--workers", type=int, help="processes training stages side by side, one core each "
+                   "(default: one per core)")
     g.add_argument("--lr-grid", type=float, nargs="+",
                    help="the pair stages' learning rates, each row keeping its best on validation (default: "
                    "recipes/embedded-pairs.toml; --lr: that one rate)")

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import embedded
 import flags
 
-SMALL_TASK = {"n_train_problems": 48, "n_test_problems": 8}
+SMALL_TASK = {"n_train_problems": 48, "n_val_problems": 6, "n_test_problems": 8}
 
 
 @pytest.fixture
@@ -28,25 +28,28 @@ def shrunk(monkeypatch):
         dist.destroy_process_group()
 
 
-def run(argv):
-    return embedded.main(argv)
+def run(argv, workers: int = 1):
+    """The embedded default, its stages here on one core (workers=1) or in a pool of `workers` processes."""
+    return embedded.main([*argv, "--workers", str(workers)])
 
 
 def test_every_stage_runs_and_unchanged_stages_are_reused(shrunk, tmp_path, capsys):
-    argv = ["--objective", "redi", "--out", str(tmp_path), "--eval-limit", "8"]
+    argv = ["--objective", "redi", "--out", str(tmp_path), "--eval-limit", "8", "--lr-grid", "1e-4", "1e-3"]
     results = run(argv)
     sft_weights = (tmp_path / "sft" / "hf" / "model.safetensors").stat().st_mtime_ns
     again = run(argv)  # every stage's settings unchanged: all reused
-    assert list(results) == ["base (random init)", "sft", "redi", "dpo", "simpo"]
+    assert list(results) == ["base (random init)", "sft", "control", "redi", "redi-symmetric", "dpo", "simpo"]
     assert results == again
     assert (tmp_path / "sft" / "hf" / "model.safetensors").stat().st_mtime_ns == sft_weights
     table = (tmp_path / "results.md").read_text()
     assert "| redi |" in table and "held-out accuracy on 8 synthetic problems" in table
     assert "| simpo |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["models"] == results and saved["run"]["threads"] >= 1
+    assert saved["models"] == results and saved["run"]["threads_per_stage"] >= 1
     for name, row in results.items():
-        assert set(row) == {"accuracy", "stderr", "problems"} and row["problems"] == 8, name
+        assert {"accuracy", "stderr", "problems", "ways"} <= set(row) and row["problems"] == 8, name
+        assert ("paired_diff" in row) == (name not in ("base (random init)", "sft", "control")), name
+    assert (tmp_path / "redi_dynamics.png").exists()
 
 
 def test_flags_reach_the_stage_they_name(shrunk, tmp_path):
@@ -72,13 +75,16 @@ def test_pair_flags_apply_to_every_compared_stage_but_objective_flags_stay_with_
 
 
 def test_two_fresh_runs_print_the_same_table(shrunk, tmp_path, capsys):
-    argv = ["--objective", "redi", "--eval-limit", "8", "--max-steps", "3"]
-    first = run([*argv, "--out", str(tmp_path / "a")])
-    second = run([*argv, "--out", str(tmp_path / "b")])
+    """Bit-reproducible: the same weights and table whether the stages ran side by side or in turn (each
+    stage trains on one core either way)."""
+    argv = ["--objective", "redi", "--eval-limit", "8", "--max-steps", "3", "--lr-grid", "1e-3"]
+    first = run([*argv, "--out", str(tmp_path / "a")], workers=2)  # the stages side by side in 2 processes
+    second = run([*argv, "--out", str(tmp_path / "b")], workers=1)  # one after the other, here
     assert first == second
-    for stage in ("sft", "redi", "dpo", "simpo"):
-        a = (tmp_path / "a" / stage / "hf" / "model.safetensors").read_bytes()
-        assert a == (tmp_path / "b" / stage / "hf" / "model.safetensors").read_bytes(), stage
+    weights = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("model.safetensors"))
+    assert len(weights) == 7  # base, sft and the five pair rows
+    for path in weights:
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes(), path
     out = capsys.readouterr().out
     tables = [t for t in out.split("held-out accuracy") if t.strip()]
     assert len(tables) == 2 and tables[0] == tables[1]
@@ -93,7 +99,7 @@ def test_a_stage_trained_by_other_code_is_retrained(shrunk, tmp_path, monkeypatc
     first = weights.stat().st_mtime_ns
     run(argv)
     assert weights.stat().st_mtime_ns == first  # same code, same settings: reused
-    monkeypatch.setattr(embedded, "code_digest", lambda: "another version of the code")
+    monkeypatch.setattr(embedded, "code_digest", lambda threads: "another version of the code")
     run(argv)
     assert weights.stat().st_mtime_ns != first
 
