@@ -57,7 +57,8 @@ from tqdm import tqdm
 import flags
 from data import synthetic
 from data.tokenizer import Tokenizer
-from eval import evaluate_shards, load_problems
+from errors import UserError
+from eval import evaluate_shards, load_problems, preference_pairs
 from losses import PAIR_OBJECTIVES
 from model import ModelConfig, Transformer
 from train import setup_distributed, train
@@ -68,7 +69,8 @@ TASK: dict = {}  # data.synthetic.TaskParams fields that differ from its default
 PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo": "dpo", "simpo": "simpo"}
 # read here, not passed to stages (--resume becomes every stage's --resume-or-start)
 OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "lr_grid", "workers", "resume",
-             "resume_or_start")
+             "resume_or_start", "recipe")
+ROLLOUTS, ROLLOUT_PROBLEMS = 4, 4000  # phi-embedded's own-rollout pairs: samples per problem, problems
 UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every",
              "lr_grid", "workers")  # no effect on a stage's weights
 
@@ -130,6 +132,7 @@ class Job:
     args: argparse.Namespace | None = None  # the stage's settings; None: grade `model` as it is
     model: Path | None = None
     splits: tuple[str, ...] = ("test",)
+    rollout_pairs: Path | None = None  # also write (correct, incorrect) pairs of the model's own samples here
 
 
 def grade(model: Path, problems: list, suffix: str, tok: Tokenizer, budget: int, d) -> dict:
@@ -150,7 +153,25 @@ def do_job(job: Job, task: dict, budget: int, limits: dict, code: str) -> dict:
     for split in job.splits:
         _, problems, suffix = load_problems(str(task[split]))
         out[split] = grade(hf, problems[: limits.get(split)], suffix, tok, budget, d)
+    if job.rollout_pairs is not None:
+        out["pairs"] = rollout_pairs(hf, task, tok, budget, job.rollout_pairs, d)
     return out
+
+
+def rollout_pairs(model: Path, task: dict, tok: Tokenizer, budget: int, path: Path, d) -> int:
+    """What `eval.py --pairs-out` writes for the training problems: ROLLOUTS completions per problem at
+    T = 1 from `model`, and for each problem with a correct and an incorrect one the first of each → the
+    number of pairs."""
+    _, problems, suffix = load_problems(str(task["rl"]))
+    model = Transformer.from_pretrained(model, device=d.device).eval()
+    result = evaluate_shards(model, tok, problems[:ROLLOUT_PROBLEMS], rank=d.rank, world=d.world, n=ROLLOUTS,
+                             temperature=1.0, top_p=1.0, max_new_tokens=budget, batch_size=512,
+                             prompt_suffix=suffix, seed=1)
+    pairs = preference_pairs(result.problems, suffix)
+    if d.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return len(pairs)
 
 
 def _pin_worker(cores) -> None:  # noqa: ANN001
@@ -265,6 +286,119 @@ def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, 
     return stats, chosen
 
 
+# The Phi-4-mini-reasoning chain (--recipe phi-embedded): each row, and the row its gain is paired against.
+PHI_ROWS = {"phi-midtrain": "base (random init)", "phi-sft": "phi-midtrain",
+            "phi-sft, no mid-training": "phi-sft", "phi-dpo": "phi-sft", "phi-dpo, own rollouts": "phi-sft",
+            "phi-grpo": "phi-dpo", "phi-grpo, no DPO": "phi-grpo"}
+
+
+def phi_data(task: dict, out: Path) -> dict[str, Path]:
+    """The chain's data, from the task's teacher rows (teacher.jsonl): corpus.jsonl, every trace the
+    verifier accepted (the distillation corpus of mid-training: all of them, not one per problem), and
+    subset.jsonl, the first correct trace of the hardest problems (the most changes: the "higher-quality
+    subset" of distillation SFT). The rollout-preference pairs are the task's pairs.jsonl: each problem's
+    first rejected teacher trace (what mid-training and SFT filtered out) beside its first correct one."""
+    rows = [json.loads(line) for line in task["teacher"].read_text(encoding="utf-8").splitlines()]
+    hardest = max(row["steps"] for row in rows)
+    corpus, subset = [], []
+    for row in rows:
+        right = [g for g, ok in zip(row["generations"], row["correctness"][synthetic.VERIFIER], strict=True)
+                 if ok]
+        corpus += [{"id": row["uuid"], "messages": chat(row["problem"], g)} for g in right]
+        if right and row["steps"] == hardest:
+            subset.append({"id": row["uuid"], "messages": chat(row["problem"], right[0])})
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"corpus": out / "corpus.jsonl", "subset": out / "subset.jsonl"}
+    for name, records in (("corpus", corpus), ("subset", subset)):
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return paths
+
+
+def chat(problem: str, trace: str) -> list[dict]:
+    return [{"role": "user", "content": problem}, {"role": "assistant", "content": trace}]
+
+
+def best_on_val(stage: str, given: dict, paths: dict, runner: Runner) -> dict:
+    """The stage at every lr of its recipe's lr-grid (or --lr / --lr-grid), graded on validation → the
+    best run (ties: the smaller lr), with its "lr"."""
+    grid = [given["lr"]] if "lr" in given else flags.recipe(f"embedded-{stage}")["lr_grid"]
+    grid = given.get("lr_grid", grid)
+    jobs = [Job(stage_args(stage, {}, {**paths, "lr": lr, "out": paths["out"] / f"lr{lr:g}"}),
+                splits=("val",)) for lr in grid]
+    runs = [r | {"lr": lr} for r, lr in zip(runner(jobs, stage), grid, strict=True)]
+    return max(runs, key=lambda r: (mean_sd(r["val"]["correct"])[0], -r["lr"]))
+
+
+def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, runner: Runner) -> dict:
+    """Mid-training → SFT → rollout DPO → GRPO, with the paper's ablations (no mid-training, no DPO) and the
+    variant DPO on the SFT model's own rollouts; every model graded on the test split → {row: row_stats}."""
+    data = phi_data(task, root / "data")
+    own_pairs = root / "data" / "own_pairs.jsonl"
+
+    def stage(name: str, data_path: Path, out: str, init: Path | None = None) -> argparse.Namespace:
+        paths = {**common, "data": str(data_path), "out": root / out}
+        return stage_args(name, {}, paths | ({"init": str(init)} if init else {}))
+
+    mid, scratch = runner([Job(stage("phi-midtrain", data["corpus"], "midtrain")),
+                           Job(stage("phi-sft", data["subset"], "sft-scratch"))], "mid-training")
+    (sft,) = runner([Job(stage("phi-sft", data["subset"], "sft", mid["hf"]), rollout_pairs=own_pairs)], "sft")
+    from_sft = {**common, "init": str(sft["hf"])}
+    dpo = best_on_val("phi-dpo", given, {**from_sft, "data": str(task["pairs"]), "out": root / "dpo"}, runner)
+    graded = {"base (random init)": base, "phi-midtrain": mid, "phi-sft": sft,
+              "phi-sft, no mid-training": scratch}
+    if sft["pairs"]:  # else no problem had a right and a wrong sample: the variant has no data
+        own = best_on_val("phi-dpo", given, {**from_sft, "data": str(own_pairs), "out": root / "dpo-own"},
+                          runner)
+        (graded["phi-dpo, own rollouts"],) = runner([Job(model=own["hf"])], "dpo, own rollouts")
+        graded["phi-dpo, own rollouts"]["lr"] = own["lr"]
+    (graded["phi-dpo"],) = runner([Job(model=dpo["hf"])], "dpo")
+    graded["phi-dpo"]["lr"] = dpo["lr"]
+    graded["phi-grpo"], graded["phi-grpo, no DPO"] = runner(
+        [Job(stage("phi-grpo", task["rl"], "grpo", dpo["hf"])),
+         Job(stage("phi-grpo", task["rl"], "grpo-no-dpo", sft["hf"]))], "grpo")
+    rows = {"base (random init)": row_stats([base["test"]], None)}
+    for name, versus in PHI_ROWS.items():
+        if name in graded:
+            rows[name] = row_stats([graded[name]["test"]], [graded[versus]["test"]]) | {"versus": versus}
+            rows[name] |= {"lr": [graded[name]["lr"]]} if "lr" in graded[name] else {}
+    rows["phi-sft"]["own_rollout_pairs"] = sft["pairs"]
+    return rows
+
+
+def phi_table(models: dict, num: int, budget: int) -> str:
+    lines = [f"held-out accuracy on {num} synthetic problems (greedy, pass@1, {budget} new tokens max)", "",
+             "| stage | accuracy ± se | gain ± paired se | over | direct picked | fails: careful / direct |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in models.items():
+        gain = f"{r['paired_diff']:+.3f} ± {r['paired_stderr']:.3f}" if "paired_diff" in r else ""
+        ways = r["ways"]
+        fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
+                           for w in synthetic.WAYS)
+        lines.append(f"| {name} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {gain} | "
+                     f"{r.get('versus', '')} | {ways['direct']['pick_rate']:.2f} | {fails} |")
+    return "\n".join(lines)
+
+
+def grpo_plot(metrics: Path, path: Path) -> None:
+    """GRPO's training reward and accuracy per step, and its held-out pass@1 at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for key, label in (("reward", "training reward"), ("accuracy", "training accuracy (rollouts)"),
+                       ("eval_pass@1", "validation pass@1 (greedy)")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_pass@1" else None, label=label)
+    ax.set_xlabel("GRPO step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def dynamics_plot(chosen: dict, path: Path) -> None:
     """Chosen and rejected per-token log-probs over training, one line per row (seed 0, its chosen lr)."""
     import matplotlib
@@ -306,50 +440,73 @@ def table(models: dict, num: int, budget: int) -> str:
     return "\n".join(lines)
 
 
+def objective_run(named: str, given: dict, task: dict, root: Path, common: dict,
+                  runner: Runner) -> tuple[dict, dict]:
+    """--objective's stages: SFT, then the pair comparison or GRPO → ({row: row_stats}, dynamics runs)."""
+    sft_args = stage_args("sft", user_flags_for("sft", named, given),
+                          {**common, "data": str(task["sft"]), "out": root / "sft"})
+    base, sft = runner([Job(model=root / "base" / "hf"), Job(sft_args)], "sft")
+    models = {"base (random init)": row_stats([base["test"]], None), "sft": row_stats([sft["test"]], None)}
+    if named in PAIR_OBJECTIVES:
+        rows, chosen = pair_comparison(named, given, task, root, sft["hf"], common, runner)
+        return models | rows, chosen
+    if named == "grpo":
+        paths = {**common, "data": str(task["rl"]), "init": str(sft["hf"]), "out": root / "grpo"}
+        (grpo,) = runner([Job(stage_args("grpo", user_flags_for("grpo", named, given), paths))], "grpo")
+        models["grpo"] = row_stats([grpo["test"]], [sft["test"]])  # paired against its start, the SFT
+    return models, {}
+
+
 def main(argv: list[str]) -> dict:
-    """Build the task, run the stages --objective asks for, evaluate every model, write the results."""
+    """Build the task, run the stages --objective (or --recipe phi-embedded) asks for, evaluate every model,
+    write the results."""
     given = flags.given_flags(argv)
-    named = given.get("objective", "sft")
-    root = Path(given.get("out", "runs/embedded"))
+    phi = given.get("recipe") == "phi-embedded"
+    if given.get("recipe") not in (None, "phi-embedded"):
+        raise UserError(f"--recipe {given['recipe']} needs --data (and --init or --model); without them the "
+                        "embedded default runs: --objective sft|redi|dpo|simpo|grpo or --recipe phi-embedded")
+    root = Path(given.get("out", "runs/phi-embedded" if phi else "runs/embedded"))
     seed = given.get("seed", 0)
     d = setup_distributed()
     if d.main:  # rank 0 writes the task and the base model; the others then read them
         synthetic.build_task(root / "task", **TASK)
-        base = root / "base" / "hf"
-        if not (base / "config.json").exists():
+        if not (root / "base" / "hf" / "config.json").exists():
             model = Transformer(ModelConfig.preset("tiny"))
             model.init_weights(torch.Generator().manual_seed(seed))
-            model.save_pretrained(base)
+            model.save_pretrained(root / "base" / "hf")
     dist.barrier()
     task = synthetic.build_task(root / "task", **TASK)
     common = {"model": "tiny", "tokenizer": str(task["tokenizer"]), "eval_data": str(task["val"]),
               "seed": seed, "resume_or_start": bool(given.get("resume") or given.get("resume_or_start"))}
     budget = given.get("eval_max_new_tokens", 64)
     runner = Runner(task, budget, {"test": given.get("eval_limit")}, d, given.get("workers"))
-    sft_args = stage_args("sft", user_flags_for("sft", named, given),
-                          {**common, "data": str(task["sft"]), "out": root / "sft"})
-    base, sft = runner([Job(model=root / "base" / "hf"), Job(sft_args)], "sft")
-    models = {"base (random init)": row_stats([base["test"]], None), "sft": row_stats([sft["test"]], None)}
-    chosen = {}
     try:
-        if named in PAIR_OBJECTIVES:
-            rows, chosen = pair_comparison(named, given, task, root, sft["hf"], common, runner)
-            models |= rows
-        elif named == "grpo":
-            paths = {**common, "data": str(task["rl"]), "init": str(sft["hf"]), "out": root / "grpo"}
-            (grpo,) = runner([Job(stage_args("grpo", user_flags_for("grpo", named, given), paths))], "grpo")
-            models["grpo"] = row_stats([grpo["test"]], [sft["test"]])  # paired against its start, the SFT
+        if phi:
+            (base,) = runner([Job(model=root / "base" / "hf")], "base")
+            models, chosen = phi_chain(given, task, root, common, base, runner), {}
+        else:
+            models, chosen = objective_run(flags.resolve(given).objective, given, task, root, common, runner)
     finally:
         runner.close()
-    text = table(models, models["sft"]["problems"], budget)
-    if d.main:
-        print(text)
-        run = {"device": str(d.device), "torch": torch.__version__, "threads_per_stage": runner.threads,
-               "workers": len(runner.cores), "ranks": d.world}
-        stats = json.loads(task["stats"].read_text())
-        (root / "results.md").write_text(text + "\n")
-        (root / "results.json").write_text(json.dumps({"run": run, "task": stats.get("teacher", {}),
-                                                       "models": models}, indent=2) + "\n")
-        if chosen:
-            dynamics_plot(chosen, root / "redi_dynamics.png")
+    write_results(root, models, task, budget, runner, d, chosen, phi)
     return models
+
+
+def write_results(root: Path, models: dict, task: dict, budget: int, runner: Runner, d, chosen: dict,
+                  phi: bool) -> None:
+    """The table on stdout and in <out>/results.md, <out>/results.json, and the run's plots."""
+    num = models["base (random init)"]["problems"]
+    text = phi_table(models, num, budget) if phi else table(models, num, budget)
+    if not d.main:
+        return
+    print(text)
+    run = {"device": str(d.device), "torch": torch.__version__, "threads_per_stage": runner.threads,
+           "workers": len(runner.cores), "ranks": d.world}
+    stats = json.loads(task["stats"].read_text())
+    (root / "results.md").write_text(text + "\n")
+    (root / "results.json").write_text(json.dumps({"run": run, "task": stats.get("teacher", {}),
+                                                   "models": models}, indent=2) + "\n")
+    if chosen:
+        dynamics_plot(chosen, root / "redi_dynamics.png")
+    if phi:
+        grpo_plot(root / "grpo" / "metrics.jsonl", root / "phi_grpo.png")

@@ -20,7 +20,8 @@ def shrunk(monkeypatch):
     stage_args = embedded.stage_args
 
     def short(stage, user, paths):
-        return stage_args(stage, {"max_steps": 2, "batch_size": 4, **user}, paths)
+        grpo = {"filter_min_pass": 0.0, "group_size": 2, "max_new_tokens": 8} if "grpo" in stage else {}
+        return stage_args(stage, {"max_steps": 2, "batch_size": 4, **grpo, **user}, paths)
 
     monkeypatch.setattr(embedded, "stage_args", short)
     yield
@@ -122,3 +123,25 @@ def test_resume_continues_an_unfinished_stage_and_a_changed_stage_starts_over(sh
     run([*argv, "--save-every", "2"])  # other settings: trained anew (step_00000001 was the old run's)
     steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2] and sorted(p.name for p in (sft / "ckpt").iterdir()) == ["step_00000002"]
+
+
+def test_the_phi_chain_runs_every_stage_and_its_ablations(shrunk, tmp_path, monkeypatch):
+    """Every stage and ablation of --recipe phi-embedded, shrunk. The 2-step SFT model's own rollouts hold no
+    problem with a right and a wrong sample, so the own-rollouts variant has no data and no row."""
+    monkeypatch.setattr(embedded, "ROLLOUT_PROBLEMS", 24)
+    argv = ["--recipe", "phi-embedded", "--out", str(tmp_path), "--eval-limit", "8", "--lr-grid", "1e-3"]
+    results = run(argv)
+    pairs = results["phi-sft"]["own_rollout_pairs"]
+    assert pairs == len((tmp_path / "data" / "own_pairs.jsonl").read_text().splitlines()) == 0
+    assert list(results) == ["base (random init)", *(r for r in embedded.PHI_ROWS if "own" not in r)]
+    for name, row in results.items():
+        if name != "base (random init)":
+            assert row["versus"] == embedded.PHI_ROWS[name], name
+            assert {"accuracy", "paired_diff", "paired_stderr"} <= set(row), name
+    corpus = (tmp_path / "data" / "corpus.jsonl").read_text().splitlines()
+    subset = (tmp_path / "data" / "subset.jsonl").read_text().splitlines()
+    teacher = [json.loads(line) for line in (tmp_path / "task" / "teacher.jsonl").read_text().splitlines()]
+    assert len(corpus) == sum(sum(r["correctness"]["math_verify_answer"]) for r in teacher)  # all correct
+    assert 0 < len(subset) < len(corpus)
+    assert (tmp_path / "phi_grpo.png").exists()
+    assert "| phi-grpo, no DPO |" in (tmp_path / "results.md").read_text()
