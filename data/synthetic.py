@@ -1,24 +1,42 @@
-"""The embedded default task: multi-step arithmetic word problems, and a teacher that sometimes slips.
+"""The embedded default task: word problems with two ways to solve them, and a teacher whose wrong traces
+concentrate on the fragile way.
 
     python -m data.synthetic --out data_out/synthetic      # a few seconds; a finished output is reused
 
-A problem is a start value and 2-3 steps (+ or - a two-digit number, * a one-digit one), told as a story:
-    "Mia has 47 points in a game. Mia wins 38 points. Then a penalty takes away 19 points.
-     How many points does Mia have now?"                                                     answer: 66
-The teacher writes `samples_per_problem` traces per training problem, one `a op b = c` line per step:
-    <think>
-    47 + 38 = 85
-    85 - 19 = 66
+A problem is a start value and 4-5 changes (+ or - a digit), told as one of four stories in which every
+value stays within 0..9 (a lift's floor, a step of a ladder, eggs in a box, stickers):
+    "A lift is on floor 6. It goes down 5. Then it rises 3. It goes up 1. Then it drops 3.
+     Which floor is the lift on now?"                                                            answer: 2
+The teacher solves it one of two ways, chosen at the start of its thinking (the plan):
+    careful (one change a line)      direct (answering at a glance)
+    <think>                          <think>
+    Step by step.                    At a glance, it is 2.
+    6-5=1                            </think>
+    1+3=4                            The answer is \\boxed{2}.
+    4+1=5
+    5-3=2
     </think>
-    The answer is \\boxed{66}.
-With probability `error_rate` a trace has one realistic mistake, at a random step, carried to the end (the
-later steps are right about the wrong value, so the final answer follows from the mistake):
-    carry    a dropped carry or borrow of the units column   47 + 38 = 75,  52 - 38 = 24,  47 * 3 = 121
-    sign     a negative result written as positive           12 - 19 = 7
-    operand  another number of the problem used              85 - 38 = 47   (38 belongs to another step)
-Whether a trace is correct is then decided by math_reward(trace, answer), exactly as for real data, and the
-positives (first correct trace) and pairs (first correct, first incorrect) are chosen from teacher rows in the
-OpenR1-Math-Raw schema by data.recipes.openr1.select, the function the OpenR1 recipe uses.
+    The answer is \\boxed{2}.
+Each careful line is one fact about two digits, which a tiny transformer learns to near perfection; the
+direct way answers before writing any step, composing all the changes at once: fragile for the teacher (it
+slips in `direct_error_rate` of its direct traces, and in `careful_error_rate` of its careful ones) and
+intrinsically hard for a small student. How often the teacher picks the direct way depends on the story
+(its habit: `direct_rates`, one per story), so a student's greedy choice of way differs from problem to
+problem too. The teacher's slips:
+    careful  fact     one line's result one off                       1+3=5      (carried on to the end)
+             operand  another change of the problem used in a line    1+5=6
+    direct   fact     the total one off                               it is 3
+             dropped  one change left out of the total                it is 5   (the +3 left out)
+             sign     one change counted with the wrong sign          it is 0   (+3 counted as -3)
+(a direct slip's total stays within 0..9). The positives (first correct trace) therefore hold both ways,
+each only where it happened to work, and the pairs' rejected traces are mostly direct: only the negatives
+say that the direct way fails, and how often. `trace_way(completion)` reads a completion's way from its plan
+line, so that a run can report how often a student picks each way and how often each way fails for it,
+next to the teacher's rates (stats.json). Whether a trace is correct is decided by math_reward(trace,
+answer), exactly as for real data, and the positives (first correct trace) and pairs (first correct, first
+incorrect) are chosen from teacher rows in the OpenR1-Math-Raw schema by data.recipes.openr1.select, the
+function the OpenR1 recipe uses. Natural subsets (e.g. a "higher-quality" SFT stage): the 5-change problems
+(`steps`, harder), or the careful traces.
 
 build_task(out_dir, ...) writes
     tokenizer/     byte-level BPE (tokenizers) trained on the training text: vocab <= 512, one token per
@@ -27,12 +45,17 @@ build_task(out_dir, ...) writes
     sft.jsonl      {"id", "messages": [user problem, assistant trace]}: the positives
     pairs.jsonl    {"id", "prompt", "chosen", "rejected"}
     rl.jsonl       {"id", "problem", "answer"}: every training problem
-    test.jsonl     {"id", "problem", "answer"}: held-out problems, none of whose texts or number tuples
-                   (start, operands...) is in any training file; data.benchmarks.load_benchmark reads it
+    val.jsonl      {"id", "problem", "answer"}: held-out problems for choosing settings (learning rates)
+    test.jsonl     {"id", "problem", "answer"}: held-out problems for the reported numbers; no two of the
+                   training, validation and test problems share a text or a number tuple (start, changes...);
+                   data.benchmarks.load_benchmark reads both
     teacher.jsonl  every trace, one row per problem in the OpenR1-Math-Raw schema (`generations`,
-                   `correctness.math_verify_answer`, ...) plus each trace's `mistakes`; the OpenR1 recipe
-                   runs on it with --verifiers math_verify_answer
-    stats.json     counts, the teacher's error rate as math_reward measures it, mistake kinds, token lengths
+                   `correctness.math_verify_answer`, ...) plus each trace's `ways` and `mistakes` and the
+                   problem's `story` and `steps` (number of changes); the OpenR1 recipe runs on it with
+                   --verifiers math_verify_answer
+    stats.json     counts, the teacher's error rate as math_reward measures it, its pick and failure rate per
+                   way (overall and per story), mistake kinds, the ways of the chosen and rejected traces,
+                   token lengths
     manifest.json  the parameters and a sha256 per file, written last: its presence marks a finished output
 The same parameters give byte-identical files. The output is built in a temporary directory and renamed into
 place, so a reader (or a second rank building the same task) never sees half of one.
@@ -52,7 +75,7 @@ from pathlib import Path
 from data.recipes.openr1 import select
 from data.rewards import math_reward
 
-FORMAT_VERSION = 1  # bump when the generated text changes, so that older outputs are rebuilt
+FORMAT_VERSION = 2  # bump when the generated text changes, so that older outputs are rebuilt
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, message start, EOS: special
 THINK_TOKENS = ("<think>", "</think>")  # added but not special: decoding keeps them, like Qwen3's
 CHAT_TEMPLATE = (
@@ -63,28 +86,33 @@ CHAT_TEMPLATE = (
 )
 VERIFIER = "math_verify_answer"  # the teacher rows' verifier field: math_reward against `answer`
 
+WAYS = ("careful", "direct")  # the ways to solve a problem, in the order stats list them
+PLANS = {"careful": "Step by step.", "direct": "At a glance,"}  # how each way's thinking begins
 NAMES = ("Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Nia", "Omar", "Lena", "Raj")
-STORIES = (  # the start, one phrase per operation (a few ways to say each), the question
+STORIES = (  # the start, phrases for + and - (one drawn per change), the question: values stay in 0..9
     {
-        "start": "{name} has {a} points in a game.",
-        "+": ("{name} wins {b} points.", "Then {name} scores {b} more points."),
-        "-": ("{name} loses {b} points.", "Then a penalty takes away {b} points."),
-        "*": ("A bonus multiplies the score by {b}.", "Then the score is multiplied by {b}."),
-        "question": "How many points does {name} have now?",
+        "start": "A lift is on floor {a}.",
+        "+": ("It goes up {b}.", "Then it rises {b}."),
+        "-": ("It goes down {b}.", "Then it drops {b}."),
+        "question": "Which floor is the lift on now?",
     },
     {
-        "start": "{name}'s bank account holds {a} dollars.",
-        "+": ("{name} deposits {b} dollars.", "Then {name} is paid {b} dollars."),
-        "-": ("{name} spends {b} dollars.", "Then {name} withdraws {b} dollars."),
-        "*": ("The balance is multiplied by {b}.", "Then the bank multiplies the balance by {b}."),
-        "question": "What is the balance now, in dollars?",
+        "start": "{name} stands on step {a} of a ladder.",
+        "+": ("{name} climbs up {b}.", "Then {name} goes up {b}."),
+        "-": ("{name} slips down {b}.", "Then {name} goes down {b}."),
+        "question": "Which step is {name} on now?",
     },
     {
-        "start": "{name} thinks of the number {a}.",
-        "+": ("{name} adds {b} to it.", "Then {name} increases it by {b}."),
-        "-": ("{name} subtracts {b} from it.", "Then {name} takes {b} away from it."),
-        "*": ("{name} multiplies it by {b}.", "Then {name} makes it {b} times as large."),
-        "question": "What number does {name} have now?",
+        "start": "A box holds {a} eggs.",
+        "+": ("{name} puts in {b}.", "Then {name} adds {b}."),
+        "-": ("{name} takes out {b}.", "Then {name} uses {b}."),
+        "question": "How many eggs are in the box now?",
+    },
+    {
+        "start": "{name} has {a} stickers.",
+        "+": ("{name} gets {b} more.", "Then a friend gives {name} {b}."),
+        "-": ("{name} gives away {b}.", "Then {name} loses {b}."),
+        "question": "How many stickers does {name} have now?",
     },
 )
 
@@ -95,29 +123,45 @@ class TaskParams:
 
     seed: int = 0
     n_train_problems: int = 20_000
-    n_test_problems: int = 500
+    n_val_problems: int = 1_000
+    n_test_problems: int = 2_000
     samples_per_problem: int = 4
-    error_rate: float = 0.35
-    min_steps: int = 2
-    max_steps: int = 3
-    operand_min: int = 10
-    operand_max: int = 99
-    multiplier_max: int = 9
-    max_value: int = 999
-    ops: str = "+-*"
+    direct_rates: str = "0.9,0.6,0.3,0.1"
+    careful_error_rate: float = 0.05
+    direct_error_rate: float = 0.5
+    min_steps: int = 4
+    max_steps: int = 5
+    start_min: int = 0
+    start_max: int = 9
+    operand_min: int = 1
+    operand_max: int = 9
+    min_value: int = 0
+    max_value: int = 9
+    ops: str = "+-"
     vocab_size: int = 512
 
+    @property
+    def direct_rate_per_story(self) -> tuple[float, ...]:
+        return tuple(float(r) for r in self.direct_rates.split(","))
+
     def __post_init__(self):
+        try:
+            rates = self.direct_rate_per_story
+        except ValueError:
+            rates = ()
         checks = {
             "n_train_problems": self.n_train_problems >= 1,
+            "n_val_problems": self.n_val_problems >= 1,
             "n_test_problems": self.n_test_problems >= 1,
             "samples_per_problem": self.samples_per_problem >= 1,
-            "error_rate": 0.0 <= self.error_rate <= 1.0,
+            "direct_rates": len(rates) == len(STORIES) and all(0.0 <= r <= 1.0 for r in rates),
+            "careful_error_rate": 0.0 <= self.careful_error_rate <= 1.0,
+            "direct_error_rate": 0.0 <= self.direct_error_rate <= 1.0,
             "min_steps": 1 <= self.min_steps <= self.max_steps,
-            "operand_min": 0 <= self.operand_min <= self.operand_max,
-            "multiplier_max": self.multiplier_max >= 2,
-            "max_value": self.max_value >= self.operand_max,
-            "ops": bool(self.ops) and set(self.ops) <= set("+-*"),
+            "start_min": 0 <= self.start_min <= self.start_max,
+            "operand_min": 1 <= self.operand_min <= self.operand_max,
+            "min_value": 0 <= self.min_value <= self.start_min and self.start_max <= self.max_value,
+            "ops": bool(self.ops) and set(self.ops) <= set("+-"),
             "vocab_size": 256 + len(SPECIAL_TOKENS) + len(THINK_TOKENS) <= self.vocab_size,
         }
         for name, ok in checks.items():
@@ -128,16 +172,22 @@ class TaskParams:
 PARAM_HELP = {
     "seed": "random seed: the same seed and parameters give byte-identical files",
     "n_train_problems": "training problems (each gets samples_per_problem teacher traces)",
-    "n_test_problems": "held-out problems in test.jsonl, disjoint from training by text and by numbers",
+    "n_val_problems": "held-out problems in val.jsonl (for choosing settings), disjoint from train and test",
+    "n_test_problems": "held-out problems in test.jsonl, disjoint from training and validation",
     "samples_per_problem": "teacher traces per training problem",
-    "error_rate": "probability in [0, 1] that a teacher trace has one mistake",
-    "min_steps": "fewest operations per problem (>= 1, <= max_steps)",
-    "max_steps": "most operations per problem",
-    "operand_min": "smallest start value and +/- operand (>= 0)",
-    "operand_max": "largest start value and +/- operand",
-    "multiplier_max": "largest * operand (the smallest is 2)",
-    "max_value": "every intermediate value of a problem stays within +-max_value (>= operand_max)",
-    "ops": "operations to draw from, a string of + - *",
+    "direct_rates": f"the teacher's probability of the direct way, per story: {len(STORIES)} numbers in "
+                    "[0, 1], comma-separated",
+    "careful_error_rate": "probability in [0, 1] that a careful (step-by-step) teacher trace has one mistake",
+    "direct_error_rate": "probability in [0, 1] that a direct (at a glance) teacher trace has one mistake",
+    "min_steps": "fewest changes per problem (>= 1, <= max_steps)",
+    "max_steps": "most changes per problem",
+    "start_min": "smallest start value (>= 0)",
+    "start_max": "largest start value",
+    "operand_min": "smallest change (>= 1)",
+    "operand_max": "largest change",
+    "min_value": "every value of a problem (start, after each change) is >= min_value (<= start_min)",
+    "max_value": "every value of a problem is <= max_value (>= start_max)",
+    "ops": "operations to draw from, a string of + -",
     "vocab_size": "tokenizer vocabulary size, special tokens included (>= 261: 256 bytes + 5 specials)",
 }
 
@@ -145,6 +195,7 @@ PARAM_HELP = {
 @dataclass(frozen=True)
 class WordProblem:
     id: str
+    story: int  # index into STORIES
     start: int
     steps: tuple[tuple[str, int], ...]  # (operation, operand) in order
     text: str
@@ -167,97 +218,124 @@ class WordProblem:
     def answer(self) -> int:
         return self.values[-1]
 
-    @cached_property
-    def mistake_options(self) -> list[dict[str, list[tuple[int, int]]]]:
-        """Per step, the mistakes that can happen there (see mistakes_at), the steps before it being right."""
-        before = [self.start, *self.values[:-1]]
-        return [mistakes_at(op, a, b, self) for (op, b), a in zip(self.steps, before, strict=True)]
-
 
 def apply(op: str, a: int, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
+    return a + b if op == "+" else a - b
+
+
+def signed(op: str, b: int) -> int:
+    return b if op == "+" else -b
 
 
 def sample_problem(rng: random.Random, id_: str, params: TaskParams) -> WordProblem:
-    """A start in [operand_min, operand_max], then min_steps..max_steps operations of `ops` with operands in
-    [operand_min, operand_max] for + and -, in [2, multiplier_max] for *, drawn again until every
-    intermediate value is within +-max_value; told as one of the STORIES."""
-    while True:
-        start = rng.randint(params.operand_min, params.operand_max)
-        steps = []
-        for _ in range(rng.randint(params.min_steps, params.max_steps)):
-            op = rng.choice(params.ops)
-            high = params.multiplier_max if op == "*" else params.operand_max
-            steps.append((op, rng.randint(2 if op == "*" else params.operand_min, high)))
-        story, name = rng.choice(STORIES), rng.choice(NAMES)
-        sentences = [story["start"].format(name=name, a=start)]
-        sentences += [rng.choice(story[op]).format(name=name, b=operand) for op, operand in steps]
-        sentences.append(story["question"].format(name=name))
-        problem = WordProblem(id=id_, start=start, steps=tuple(steps), text=" ".join(sentences))
-        if all(abs(v) <= params.max_value for v in problem.values):
-            return problem
+    """A start in [start_min, start_max], then min_steps..max_steps changes, each drawn uniformly from the
+    (op of `ops`, operand in [operand_min, operand_max]) that keep the value within [min_value, max_value];
+    told as one of the STORIES with one of the NAMES."""
+    start, steps = rng.randint(params.start_min, params.start_max), []
+    value = start
+    for _ in range(rng.randint(params.min_steps, params.max_steps)):
+        options = [(op, b) for op in params.ops for b in range(params.operand_min, params.operand_max + 1)
+                   if params.min_value <= apply(op, value, b) <= params.max_value]
+        if not options:
+            raise ValueError(f"no change keeps {value} within [{params.min_value}, {params.max_value}]: "
+                             "widen the value range or the operands")
+        op, b = rng.choice(options)
+        steps.append((op, b))
+        value = apply(op, value, b)
+    story_index, name = rng.randrange(len(STORIES)), rng.choice(NAMES)
+    story = STORIES[story_index]
+    sentences = [story["start"].format(name=name, a=start)]
+    sentences += [rng.choice(story[op]).format(name=name, b=operand) for op, operand in steps]
+    sentences.append(story["question"].format(name=name))
+    return WordProblem(id=id_, story=story_index, start=start, steps=tuple(steps), text=" ".join(sentences))
 
 
-def mistakes_at(op: str, a: int, b: int, problem: WordProblem) -> dict[str, list[tuple[int, int]]]:
-    """The mistakes that can happen at step `a op b` of `problem`: kind -> the (operand written, result
-    written) options. Every option's result differs from the right one."""
-    right = apply(op, a, b)
-    options = {}
-    if a >= 0:  # the carry (or borrow) of the units column is forgotten
-        if op == "+" and a % 10 + b % 10 >= 10:
-            options["carry"] = [(b, right - 10)]
-        elif op == "-" and a >= b and a % 10 < b % 10:
-            options["carry"] = [(b, right + 10)]
-        elif op == "*" and a >= 10 and (a % 10) * b >= 10:
-            options["carry"] = [(b, right - 10 * ((a % 10) * b // 10))]
-    if right < 0:  # the minus sign is dropped
-        options["sign"] = [(b, -right)]
-    # another number of the problem, of the same kind (a multiplier for *, else the start or a +/- operand)
-    same_kind = [n for o, n in problem.steps if (o == "*") == (op == "*")]
-    same_kind += [] if op == "*" else [problem.start]
-    others = sorted({n for n in same_kind if n != b and apply(op, a, n) != right})
-    if others:
-        options["operand"] = [(n, apply(op, a, n)) for n in others]
-    return options
+def careful_mistakes(problem: WordProblem, params: TaskParams) -> dict[int, dict[str, list[tuple[int, int]]]]:
+    """The slips possible in a careful trace, the steps before it being right: step -> kind -> the (operand
+    written, result written) options, each result within [min_value, max_value] and not the right one.
+    fact: the result one off (a misremembered fact); operand: another change of the problem used."""
+    options, before = {}, [problem.start, *problem.values[:-1]]
+    for i, ((op, b), a) in enumerate(zip(problem.steps, before, strict=True)):
+        right, kinds = apply(op, a, b), {}
+        kinds["fact"] = [(b, r) for r in (right - 1, right + 1) if params.min_value <= r <= params.max_value]
+        kinds["operand"] = [(n, apply(op, a, n)) for n in sorted({n for _, n in problem.steps if n != b})
+                            if params.min_value <= apply(op, a, n) <= params.max_value]
+        options[i] = {kind: found for kind, found in kinds.items() if found}
+    return {i: kinds for i, kinds in options.items() if kinds}
 
 
-def teacher_trace(problem: WordProblem, rng: random.Random, error_rate: float) -> tuple[str, dict | None]:
-    """One trace of `problem`, and its mistake {"kind", "step"} or None. With probability error_rate the
-    teacher picks a step where a mistake can happen (the rare problem with none gets a right trace), one of
-    the mistakes possible there, and carries the wrong value on through the later steps."""
-    options = problem.mistake_options
-    possible = [i for i, at_step in enumerate(options) if at_step]
-    mistake = None
-    if rng.random() < error_rate and possible:
-        step = rng.choice(possible)
-        mistake = {"kind": rng.choice(sorted(options[step])), "step": step}
-    lines, value = [], problem.start
-    for i, (op, operand) in enumerate(problem.steps):
-        written, result = operand, apply(op, value, operand)
-        if mistake is not None and i == mistake["step"]:
-            written, result = rng.choice(options[i][mistake["kind"]])
-        lines.append(f"{value} {op} {written} = {result}")
-        value = result
-    return "<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{" + str(value) + "}.", mistake
+def direct_mistakes(problem: WordProblem, params: TaskParams) -> dict[str, list[int]]:
+    """The slips possible in a direct trace: kind -> the totals written, each within [min_value, max_value]
+    and not the answer. fact: the total one off; dropped: one change left out; sign: one change counted
+    with the opposite sign."""
+    right = problem.answer
+    changes = sorted({signed(op, b) for op, b in problem.steps})
+    kinds = {"fact": [right - 1, right + 1], "dropped": [right - c for c in changes],
+             "sign": [right - 2 * c for c in changes]}
+    kinds = {k: sorted({t for t in totals if params.min_value <= t <= params.max_value and t != right})
+             for k, totals in kinds.items()}
+    return {k: totals for k, totals in kinds.items() if totals}
 
 
-def sample_problems(params: TaskParams) -> tuple[list[WordProblem], list[WordProblem]]:
-    """(training problems, held-out problems), all with distinct number tuples. The held-out set is drawn
-    first, from its own stream, so it depends only on the seed, n_test_problems and the difficulty."""
+def teacher_trace(problem: WordProblem, rng: random.Random,
+                  params: TaskParams) -> tuple[str, str, dict | None]:
+    """One trace of `problem`: (text, way, mistake {"kind", "step"} or None). The way is direct with the
+    story's probability (direct_rates), else careful; then, with the way's error rate, one slip: a kind
+    drawn uniformly among those possible (at a step drawn uniformly, for careful), then one of its options;
+    a careful slip is carried on through the later steps."""
+    way = "direct" if rng.random() < params.direct_rate_per_story[problem.story] else "careful"
+    lines, mistake = [PLANS[way]], None
+    slip = rng.random() < (params.direct_error_rate if way == "direct" else params.careful_error_rate)
+    if way == "direct":
+        value, options = problem.answer, direct_mistakes(problem, params)
+        if slip and options:
+            kind = rng.choice(sorted(options))
+            value, mistake = rng.choice(options[kind]), {"kind": kind, "step": 0}
+        lines = [f"{PLANS[way]} it is {value}."]
+    else:
+        options, at = careful_mistakes(problem, params), None
+        if slip and options:
+            step = rng.choice(sorted(options))
+            kind = rng.choice(sorted(options[step]))
+            at, mistake = (step, rng.choice(options[step][kind])), {"kind": kind, "step": step}
+        value = problem.start
+        for i, (op, b) in enumerate(problem.steps):
+            written, result = b, apply(op, value, b)
+            if at is not None and i == at[0]:
+                written, result = at[1]
+            lines.append(f"{value}{op}{written}={result}")
+            value = result
+    text = "<think>\n" + "\n".join(lines) + "\n</think>\nThe answer is \\boxed{" + str(value) + "}."
+    return text, way, mistake
+
+
+def trace_way(completion: str) -> str:
+    """The way of a completion ("careful", "direct"), read from its plan, how its thinking begins
+    ("<think>" may be absent, as when the prompt ended with it); "other" when it begins with no known plan."""
+    text = completion.lstrip().removeprefix("<think>").lstrip()
+    return next((way for way, plan in PLANS.items() if text.startswith(plan)), "other")
+
+
+def sample_problems(params: TaskParams) -> tuple[list[WordProblem], list[WordProblem], list[WordProblem]]:
+    """(training, validation, test problems), all with distinct number tuples. The test set is drawn first,
+    then the validation set, each from its own stream, so the test set depends only on the seed,
+    n_test_problems and the difficulty, and the validation set on those and n_val_problems."""
     seen, splits = set(), {}
-    for split, count in (("test", params.n_test_problems), ("train", params.n_train_problems)):
+    counts = (("test", params.n_test_problems), ("val", params.n_val_problems),
+              ("train", params.n_train_problems))
+    for split, count in counts:
         rng, drawn, attempts = random.Random(f"nanoreason-synthetic:{params.seed}:{split}"), [], 0
         while len(drawn) < count:
             attempts += 1
             if attempts > 100 * count + 1000:
                 raise ValueError(f"only {len(drawn)} distinct {split} problems in {attempts} draws: "
-                                 "widen operand_min..operand_max, the steps or max_value")
+                                 "widen the start or operand range, the steps or the value range")
             problem = sample_problem(rng, f"{split}-{len(drawn):06d}", params)
             if problem.numbers not in seen:
                 seen.add(problem.numbers)
                 drawn.append(problem)
         splits[split] = drawn
-    return splits["train"], splits["test"]
+    return splits["train"], splits["val"], splits["test"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -317,7 +395,8 @@ def chatml(problem: str, completion: str | None = None) -> str:
 
 OUTPUT_FILES = {
     "tokenizer": "tokenizer", "sft": "sft.jsonl", "pairs": "pairs.jsonl", "rl": "rl.jsonl",
-    "test": "test.jsonl", "teacher": "teacher.jsonl", "stats": "stats.json", "manifest": "manifest.json",
+    "val": "val.jsonl", "test": "test.jsonl", "teacher": "teacher.jsonl", "stats": "stats.json",
+    "manifest": "manifest.json",
 }
 
 
@@ -342,46 +421,78 @@ def build_task(out_dir: str | os.PathLike, **params) -> dict[str, Path]:
     return paths
 
 
+def way_table(ways: list[str], right: list[bool]) -> dict[str, dict]:
+    """Per way of WAYS (and "other" when present): how many of `ways`, the share picked and the share of
+    those that are wrong."""
+    table = {}
+    for way in (*WAYS, "other"):
+        picked = [ok for w, ok in zip(ways, right, strict=True) if w == way]
+        if picked or way != "other":
+            table[way] = {"count": len(picked), "pick_rate": round(len(picked) / max(len(ways), 1), 4),
+                          "failure_rate": round(1 - sum(picked) / len(picked), 4) if picked else None}
+    return table
+
+
 def teach(train: list[WordProblem], params: TaskParams) -> tuple[list[dict], list[dict], list[dict], dict]:
     """The teacher's traces of every training problem, judged by math_reward, as OpenR1-Math-Raw rows; the
     positives and pairs that data.recipes.openr1.select takes from them; and the counts."""
     rng = random.Random(f"nanoreason-synthetic:{params.seed}:teacher")
     counts, mistakes, rows, positives, pairs = Counter(), Counter(), [], [], []
     judged_wrong = mistaken_but_judged_right = clean_but_judged_wrong = 0
+    all_ways, all_right, per_story = [], [], {s: ([], []) for s in range(len(STORIES))}
+    chosen_ways, pair_ways = Counter(), Counter()
     for problem in train:
-        traces = [teacher_trace(problem, rng, params.error_rate) for _ in range(params.samples_per_problem)]
-        verdicts = [math_reward(trace, problem.answer) == 1.0 for trace, _ in traces]
-        for (_, mistake), right in zip(traces, verdicts, strict=True):
-            mistakes[mistake["kind"] if mistake else "none"] += 1
+        traces = [teacher_trace(problem, rng, params) for _ in range(params.samples_per_problem)]
+        verdicts = [math_reward(trace, problem.answer) == 1.0 for trace, _, _ in traces]
+        for (_, way, mistake), right in zip(traces, verdicts, strict=True):
+            mistakes[f"{way}:{mistake['kind']}" if mistake else f"{way}:none"] += 1
             judged_wrong += not right
             mistaken_but_judged_right += mistake is not None and right
             clean_but_judged_wrong += mistake is None and not right
+            all_ways.append(way)
+            all_right.append(right)
+            per_story[problem.story][0].append(way)
+            per_story[problem.story][1].append(right)
         row = {
             "uuid": problem.id, "problem": problem.text, "answer": str(problem.answer),
             "problem_type": "Arithmetic", "question_type": "math-word-problem", "problem_is_valid": "Yes",
             "solution_is_valid": "Yes", "source": "synthetic", "synthetic": True,
-            "generations": [trace for trace, _ in traces], "generations_count": len(traces),
-            "correctness": {VERIFIER: verdicts}, "mistakes": [mistake for _, mistake in traces],
+            "generations": [trace for trace, _, _ in traces], "generations_count": len(traces),
+            "correctness": {VERIFIER: verdicts}, "ways": [way for _, way, _ in traces],
+            "mistakes": [mistake for _, _, mistake in traces], "story": problem.story,
+            "steps": len(problem.steps),
         }
         positive, pair = select(row, counts, verifiers=(VERIFIER,))
         rows.append(row)
-        positives += [positive] if positive else []
-        pairs += [pair] if pair else []
+        if positive:
+            positives.append(positive)
+            chosen_ways[trace_way(positive["messages"][1]["content"])] += 1
+        if pair:
+            pairs.append(pair)
+            pair_ways[f"{trace_way(pair['chosen'])}>{trace_way(pair['rejected'])}"] += 1
     n_traces = len(train) * params.samples_per_problem
     teacher = {
         "traces": n_traces,
-        "error_rate_set": params.error_rate,
         "error_rate_measured": judged_wrong / n_traces,  # by math_reward, as the selection sees it
+        "ways": way_table(all_ways, all_right),
+        "ways_per_story": {str(s): way_table(*per_story[s]) for s in per_story},
         "mistakes": dict(sorted(mistakes.items())),
         "mistaken_but_judged_correct": mistaken_but_judged_right,
         "clean_but_judged_incorrect": clean_but_judged_wrong,
     }
-    return rows, positives, pairs, {"counts": dict(sorted(counts.items())), "teacher": teacher}
+    selected = {"positives_by_way": dict(sorted(chosen_ways.items())),
+                "pairs_by_chosen_and_rejected_way": dict(sorted(pair_ways.items()))}
+    return rows, positives, pairs, {"counts": dict(sorted(counts.items())), "teacher": teacher,
+                                    "selected": selected}
+
+
+def _problem_records(problems: list[WordProblem]) -> list[dict]:
+    return [{"id": p.id, "problem": p.text, "answer": str(p.answer)} for p in problems]
 
 
 def _generate(out: Path, params: TaskParams) -> None:
     """Every output file into `out`, the manifest last."""
-    train, test = sample_problems(params)
+    train, val, test = sample_problems(params)
     rows, positives, pairs, stats = teach(train, params)
     # the first 2,000 problems' traces, in the chat template, hold every word the stories use: enough BPE text
     texts = [chatml(row["problem"], trace) for row in rows[:2000] for trace in row["generations"]]
@@ -391,8 +502,9 @@ def _generate(out: Path, params: TaskParams) -> None:
     _write_json(out / "tokenizer" / "tokenizer_config.json", tokenizer_config(tokenizer))
     _write_jsonl(out / "sft.jsonl", positives)
     _write_jsonl(out / "pairs.jsonl", pairs)
-    _write_jsonl(out / "rl.jsonl", [{"id": p.id, "problem": p.text, "answer": str(p.answer)} for p in train])
-    _write_jsonl(out / "test.jsonl", [{"id": p.id, "problem": p.text, "answer": str(p.answer)} for p in test])
+    _write_jsonl(out / "rl.jsonl", _problem_records(train))
+    _write_jsonl(out / "val.jsonl", _problem_records(val))
+    _write_jsonl(out / "test.jsonl", _problem_records(test))
     _write_jsonl(out / "teacher.jsonl", rows)
 
     examples = [(row["problem"], trace) for row in rows[:500] for trace in row["generations"]]
@@ -400,7 +512,7 @@ def _generate(out: Path, params: TaskParams) -> None:
     completions = [len(e.ids) for e in tokenizer.encode_batch([c for _, c in examples])]
     stats = {
         "params": asdict(params),
-        "problems": {"train": len(train), "test": len(test)},
+        "problems": {"train": len(train), "val": len(val), "test": len(test)},
         **stats,
         "tokens": {  # over the traces of the first 500 problems; in the chat template; completions bare
             "vocab_size": tokenizer.get_vocab_size(),
