@@ -39,6 +39,7 @@ on the same torch build and core count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -65,14 +66,16 @@ from train import setup_distributed, train
 
 log = logging.getLogger("embedded")
 ROOT = Path(__file__).resolve().parent
-TASK: dict = {}  # data.synthetic.TaskParams fields that differ from its defaults
+TASK: dict = {}  # data.synthetic.TaskParams fields that differ from its defaults (none: the default task)
 PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo": "dpo", "simpo": "simpo"}
 # read here, not passed to stages (--resume becomes every stage's --resume-or-start)
 OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "lr_grid", "workers", "resume",
              "resume_or_start", "recipe")
+VAL_PROBLEMS = 500  # validation problems a learning rate is chosen on (test: all of them, or --eval-limit)
 ROLLOUTS, ROLLOUT_PROBLEMS = 4, 4000  # phi-embedded's own-rollout pairs: samples per problem, problems
+LOG_TO_FILE = False  # set in pool workers: a stage's bars and log lines go to <stage>/train.log
 UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every",
-             "lr_grid", "workers")  # no effect on a stage's weights
+             "lr_grid", "workers", "cache_dir")  # no effect on a stage's weights
 
 
 def stage_args(stage: str, user: dict, paths: dict) -> argparse.Namespace:
@@ -148,7 +151,19 @@ def grade(model: Path, problems: list, suffix: str, tok: Tokenizer, budget: int,
 def do_job(job: Job, task: dict, budget: int, limits: dict, code: str) -> dict:
     """Train (or reuse) the job's stage, then grade its model: {"hf", <split>: grade(...) for each split}."""
     d = setup_distributed()
-    hf = run_stage(job.args, d.rank, code) if job.args is not None else job.model
+    if job.args is None:
+        hf = job.model
+    elif LOG_TO_FILE:
+        job.args.out.mkdir(parents=True, exist_ok=True)
+        with open(job.args.out / "train.log", "a") as log_file, contextlib.redirect_stderr(log_file):
+            handler = logging.StreamHandler(log_file)
+            logging.getLogger().addHandler(handler)
+            try:
+                hf = run_stage(job.args, d.rank, code)
+            finally:
+                logging.getLogger().removeHandler(handler)
+    else:
+        hf = run_stage(job.args, d.rank, code)
     tok, out = Tokenizer.from_pretrained(task["tokenizer"]), {"hf": hf}
     for split in job.splits:
         _, problems, suffix = load_problems(str(task[split]))
@@ -175,53 +190,50 @@ def rollout_pairs(model: Path, task: dict, tok: Tokenizer, budget: int, path: Pa
 
 
 def _pin_worker(cores) -> None:  # noqa: ANN001
-    """A pool worker on one core of its own, so every stage trains with one thread wherever it runs."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cores.get()})
-    logging.basicConfig(level=logging.WARNING)
+    """A pool worker on one core of its own, so every stage trains with one thread wherever it runs; its
+    stages' progress bars and logs go to <stage>/train.log (several bars on one terminal would interleave)."""
+    os.sched_setaffinity(0, {cores.get()})
+    global LOG_TO_FILE
+    LOG_TO_FILE = True
 
 
 class Runner:
-    """Runs waves of independent jobs, each stage on one core: with `workers` > 1 in a pool of processes
-    pinned to a core each, else here, pinned to one core while the jobs run. A stage then trains on one
-    thread however many cores there are, so its numbers do not depend on them or on the scheduling. Under
-    torchrun every rank runs the jobs here, in order, on its share of the cores."""
+    """Runs waves of independent jobs. A wave of one job runs here, on every core; a wave of several runs
+    `workers` at a time in a pool of processes pinned to one core each (workers = 1: here, in turn, pinned
+    to one core), each stage on one thread. Which threads a job gets depends only on its wave, so the
+    numbers depend on the core count and not on the scheduling (a test runs both ways and compares bytes).
+    Under torchrun every rank runs every job here, in order, on its share of the cores."""
 
     def __init__(self, task: dict, budget: int, limits: dict, d, workers: int | None = None):
         self.task, self.budget, self.limits, self.d, self.pool = task, budget, limits, d, None
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        self.cores = cores[: workers or len(cores)] if d.world == 1 else []
-        self.threads = 1 if self.cores else torch.get_num_threads()  # per stage
-        self.code = code_digest(self.threads)
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") and d.world == 1 \
+            else []
+        self.workers = min(workers or len(self.cores), len(self.cores))
+        self.code = {n: code_digest(n) for n in {1, len(self.cores) or torch.get_num_threads()}}
 
     def __call__(self, jobs: list[Job], desc: str) -> list[dict]:
+        if not self.cores or len(jobs) == 1:
+            threads = len(self.cores) or torch.get_num_threads()
+            return [do_job(job, self.task, self.budget, self.limits, self.code[threads]) for job in jobs]
         run = functools.partial(do_job, task=self.task, budget=self.budget, limits=self.limits,
-                                code=self.code)
-        if len(self.cores) <= 1:
-            return self._here(run, jobs, desc)
+                                code=self.code[1])
+        if self.workers == 1:
+            return self._pinned(run, jobs)
         if self.pool is None:
             context = multiprocessing.get_context("spawn")
             queue = context.Queue()
-            for core in self.cores:
+            for core in self.cores[: self.workers]:
                 queue.put(core)
-            bars = os.environ.get("TQDM_DISABLE")
-            os.environ["TQDM_DISABLE"] = "1"  # the workers' bars would interleave: one bar per wave, here
-            try:
-                self.pool = context.Pool(len(self.cores), initializer=_pin_worker, initargs=(queue,))
-            finally:
-                os.environ.pop("TQDM_DISABLE") if bars is None else os.environ.update(TQDM_DISABLE=bars)
+            self.pool = context.Pool(self.workers, initializer=_pin_worker, initargs=(queue,))
         return list(tqdm(self.pool.imap(run, jobs), total=len(jobs), desc=desc, disable=not self.d.main))
 
-    def _here(self, run, jobs: list[Job], desc: str) -> list[dict]:  # noqa: ANN001
-        if not self.cores:
-            return [run(job) for job in jobs]
-        allowed = os.sched_getaffinity(0)
+    def _pinned(self, run, jobs: list[Job]) -> list[dict]:  # noqa: ANN001
         os.sched_setaffinity(0, {self.cores[0]})
         try:
             return [run(job) for job in jobs]
         finally:
-            os.sched_setaffinity(0, allowed)
-            torch.set_num_threads(len(allowed))
+            os.sched_setaffinity(0, self.cores)
+            torch.set_num_threads(len(self.cores))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -445,7 +457,8 @@ def objective_run(named: str, given: dict, task: dict, root: Path, common: dict,
     """--objective's stages: SFT, then the pair comparison or GRPO → ({row: row_stats}, dynamics runs)."""
     sft_args = stage_args("sft", user_flags_for("sft", named, given),
                           {**common, "data": str(task["sft"]), "out": root / "sft"})
-    base, sft = runner([Job(model=root / "base" / "hf"), Job(sft_args)], "sft")
+    (base,) = runner([Job(model=root / "base" / "hf")], "base")
+    (sft,) = runner([Job(sft_args)], "sft")
     models = {"base (random init)": row_stats([base["test"]], None), "sft": row_stats([sft["test"]], None)}
     if named in PAIR_OBJECTIVES:
         rows, chosen = pair_comparison(named, given, task, root, sft["hf"], common, runner)
@@ -477,9 +490,11 @@ def main(argv: list[str]) -> dict:
     dist.barrier()
     task = synthetic.build_task(root / "task", **TASK)
     common = {"model": "tiny", "tokenizer": str(task["tokenizer"]), "eval_data": str(task["val"]),
-              "seed": seed, "resume_or_start": bool(given.get("resume") or given.get("resume_or_start"))}
+              "seed": seed, "resume_or_start": bool(given.get("resume") or given.get("resume_or_start")),
+              "cache_dir": root / ".cache"}
     budget = given.get("eval_max_new_tokens", 64)
-    runner = Runner(task, budget, {"test": given.get("eval_limit")}, d, given.get("workers"))
+    limits = {"val": VAL_PROBLEMS, "test": given.get("eval_limit")}
+    runner = Runner(task, budget, limits, d, given.get("workers"))
     try:
         if phi:
             (base,) = runner([Job(model=root / "base" / "hf")], "base")
@@ -500,8 +515,8 @@ def write_results(root: Path, models: dict, task: dict, budget: int, runner: Run
     if not d.main:
         return
     print(text)
-    run = {"device": str(d.device), "torch": torch.__version__, "threads_per_stage": runner.threads,
-           "workers": len(runner.cores), "ranks": d.world}
+    run = {"device": str(d.device), "torch": torch.__version__, "cores": len(runner.cores),
+           "workers": runner.workers, "ranks": d.world}
     stats = json.loads(task["stats"].read_text())
     (root / "results.md").write_text(text + "\n")
     (root / "results.json").write_text(json.dumps({"run": run, "task": stats.get("teacher", {}),

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-len", type=int, default=4096, help="block length in stream mode")
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows, not fail")
     g.add_argument("--num-workers", type=int, default=0, help="tokenisation processes (0: in-process)")
+    g.add_argument("--cache-dir", type=Path, help="tokenized datasets, keyed by their content (default: "
+                   "<out>/../.cache)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every pair objective from the same SFT weights and compare them")
     g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
     g.add_argument("--workers", type=int, help="processes training stages side by side, one core each "
-                   "(default: one per core)")
+                   "(default: one per core; a stage that runs alone gets every core)")
     g.add_argument("--lr-grid", type=float, nargs="+",
                    help="the pair stages' learning rates, each row keeping its best on validation (default: "
                    "recipes/embedded-pairs.toml; --lr: that one rate)")

@@ -402,7 +402,7 @@ def setup(args: argparse.Namespace) -> Run:
     if tok.vocab_size > config.vocab_size:
         raise errors.UserError(f"--tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
     grpo = args.objective == "grpo"
-    data = load_data(args, tok, out.parent / ".cache")  # a bad row: an error naming file, line and field
+    data = load_data(args, tok, args.cache_dir or out.parent / ".cache")  # a bad row: names file and line
     identity = checkpoint.run_identity(args, config, data)
     note = checkpoint.check_resume(ckpt, identity)  # before any weights: another run is refused
     if d.main:
@@ -423,7 +423,7 @@ def setup(args: argparse.Namespace) -> Run:
                           seed=args.seed, token_budget=int(lengths.max()) if grpo else args.batch_tokens)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * sampler.steps_per_epoch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay, fused=d.device.type == "cuda")
+                                  weight_decay=args.weight_decay, fused=True)
     updates = total_steps * (args.updates_per_rollout if grpo else 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, updates))
     generator = torch.Generator(device=d.device).manual_seed(args.seed * 1009 + d.rank)

@@ -46,7 +46,7 @@ def test_every_stage_runs_and_unchanged_stages_are_reused(shrunk, tmp_path, caps
     assert "| redi |" in table and "held-out accuracy on 8 synthetic problems" in table
     assert "| simpo |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["models"] == results and saved["run"]["threads_per_stage"] >= 1
+    assert saved["models"] == results and saved["run"]["cores"] >= 1
     for name, row in results.items():
         assert {"accuracy", "stderr", "problems", "ways"} <= set(row) and row["problems"] == 8, name
         assert ("paired_diff" in row) == (name not in ("base (random init)", "sft", "control")), name
