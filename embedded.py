@@ -71,8 +71,9 @@ PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo":
 # read here, not passed to stages (--resume becomes every stage's --resume-or-start)
 OWN_FLAGS = ("out", "compare", "seeds", "objective", "eval_limit", "lr_grid", "workers", "resume",
              "resume_or_start", "recipe")
-VAL_PROBLEMS = 500  # validation problems a learning rate is chosen on (test: all of them, or --eval-limit)
-ROLLOUTS, ROLLOUT_PROBLEMS = 4, 4000  # phi-embedded's own-rollout pairs: samples per problem, problems
+VAL_PROBLEMS = 300  # validation problems a learning rate is chosen on (test: all of them, or --eval-limit)
+ROLLOUTS, ROLLOUT_PROBLEMS = 4, 1000  # phi-embedded's own-rollout pairs: samples per problem, problems
+RL_PROBLEMS = 1000  # phi-embedded's GRPO prompts (before filtering): the first of the training problems
 LOG_TO_FILE = False  # set in pool workers: a stage's bars and log lines go to <stage>/train.log
 UNSTAMPED = ("resume", "resume_or_start", "debug", "compare", "seeds", "num_workers", "log_every",
              "lr_grid", "workers", "cache_dir")  # no effect on a stage's weights
@@ -278,9 +279,10 @@ def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, 
                            {**common, "seed": common["seed"] + k, "lr": lr, "data": str(task["pairs"]),
                             "init": str(sft), "out": root / row / f"seed{k}" / f"lr{lr:g}"}), splits=("val",))
             for k, row, lr in runs]
-    best = {}
+    best, scores = {}, {row: {lr: [] for lr in grid} for row in rows}
     for (k, row, lr), done in zip(runs, runner(jobs, "pair stages"), strict=True):
         score = mean_sd(done["val"]["correct"])[0]
+        scores[row][lr].append(score)
         log.info("%s seed %d lr %g: validation pass@1 %.3f", row, k, lr, score)
         if (k, row) not in best or score > best[k, row][0]:  # ties keep the smaller learning rate
             best[k, row] = (score, lr, done["hf"])
@@ -292,7 +294,8 @@ def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, 
     stats = {row: row_stats([g["test"] for g in graded[row]], control if row != "control" else None)
              for row in rows}
     for row in rows:
-        stats[row] |= {"lr": [g["lr"] for g in graded[row]], "val_accuracy": [g["val"] for g in graded[row]]}
+        stats[row] |= {"lr": [g["lr"] for g in graded[row]], "val_accuracy": [g["val"] for g in graded[row]],
+                       "val_grid": {f"{lr:g}": scores[row][lr] for lr in grid}}  # every lr, every seed
     chosen = {row: [(k, best[k, r][1], best[k, r][2].parent / "metrics.jsonl") for k, r in keys if r == row]
               for row in rows}
     return stats, chosen
@@ -320,8 +323,9 @@ def phi_data(task: dict, out: Path) -> dict[str, Path]:
         if right and row["steps"] == hardest:
             subset.append({"id": row["uuid"], "messages": chat(row["problem"], right[0])})
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"corpus": out / "corpus.jsonl", "subset": out / "subset.jsonl"}
-    for name, records in (("corpus", corpus), ("subset", subset)):
+    rl = [json.loads(line) for line in task["rl"].read_text(encoding="utf-8").splitlines()[:RL_PROBLEMS]]
+    paths = {"corpus": out / "corpus.jsonl", "subset": out / "subset.jsonl", "rl": out / "rl.jsonl"}
+    for name, records in (("corpus", corpus), ("subset", subset), ("rl", rl)):
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return paths
 
@@ -366,8 +370,8 @@ def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, run
     (graded["phi-dpo"],) = runner([Job(model=dpo["hf"])], "dpo")
     graded["phi-dpo"]["lr"] = dpo["lr"]
     graded["phi-grpo"], graded["phi-grpo, no DPO"] = runner(
-        [Job(stage("phi-grpo", task["rl"], "grpo", dpo["hf"])),
-         Job(stage("phi-grpo", task["rl"], "grpo-no-dpo", sft["hf"]))], "grpo")
+        [Job(stage("phi-grpo", data["rl"], "grpo", dpo["hf"])),
+         Job(stage("phi-grpo", data["rl"], "grpo-no-dpo", sft["hf"]))], "grpo")
     rows = {"base (random init)": row_stats([base["test"]], None)}
     for name, versus in PHI_ROWS.items():
         if name in graded:
@@ -391,8 +395,10 @@ def phi_table(models: dict, num: int, budget: int) -> str:
     return "\n".join(lines)
 
 
-def grpo_plot(metrics: Path, path: Path) -> None:
-    """GRPO's training reward and accuracy per step, and its held-out pass@1 at each evaluation."""
+def curve_plot(metrics: Path, path: Path, curves: dict[str, str], xlabel: str,
+               log_key: str | None = None) -> None:
+    """A stage's metrics.jsonl as curves over steps: {key: label}, evaluations marked; `log_key` (a loss)
+    on its own log-scale axis at the right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,11 +406,18 @@ def grpo_plot(metrics: Path, path: Path) -> None:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for key, label in (("reward", "training reward"), ("accuracy", "training accuracy (rollouts)"),
-                       ("eval_pass@1", "validation pass@1 (greedy)")):
+    for key, label in curves.items():
         points = [(r["step"], r[key]) for r in rows if key in r]
+        if not points:  # e.g. no evaluation (--eval-every 0)
+            continue
         ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_pass@1" else None, label=label)
-    ax.set_xlabel("GRPO step")
+    if log_key:
+        right = ax.twinx()
+        right.plot(*zip(*[(r["step"], r[log_key]) for r in rows if log_key in r], strict=True), color="gray",
+                   alpha=0.5, linewidth=0.8)
+        right.set_yscale("log")
+        right.set_ylabel(f"training {log_key} (gray, log scale)", fontsize=8)
+    ax.set_xlabel(xlabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -523,5 +536,10 @@ def write_results(root: Path, models: dict, task: dict, budget: int, runner: Run
                                                    "models": models}, indent=2) + "\n")
     if chosen:
         dynamics_plot(chosen, root / "redi_dynamics.png")
+    if not phi:
+        curve_plot(root / "sft" / "metrics.jsonl", root / "sft_curve.png",
+                   {"eval_pass@1": "validation pass@1 (greedy)"}, "SFT step", "loss")
     if phi:
-        grpo_plot(root / "grpo" / "metrics.jsonl", root / "phi_grpo.png")
+        curve_plot(root / "grpo" / "metrics.jsonl", root / "phi_grpo.png",
+                   {"reward": "training reward", "accuracy": "training accuracy (rollouts)",
+                    "eval_pass@1": "validation pass@1 (greedy)"}, "GRPO step")

@@ -26,15 +26,16 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e
 
 
 class MetricsLog:
-    """<out>/metrics.jsonl (rewound to the resumed step), TensorBoard when installed, a PNG at the end."""
+    """<out>/metrics.jsonl (rewound to the resumed step; emptied on a fresh start), TensorBoard when
+    installed, a PNG at the end."""
 
     def __init__(self, out: Path, start_step: int, enabled: bool):
         self.path, self.enabled, self.tb = out / "metrics.jsonl", enabled, None
         if not enabled:
             return
-        if self.path.exists():  # drop what a crashed run logged after its last checkpoint
+        if self.path.exists():  # drop what a crashed run logged after its last checkpoint (all of it: anew)
             rows = [r for r in self.path.read_text().splitlines()
-                    if r and json.loads(r)["step"] <= start_step]
+                    if r and 0 < start_step and json.loads(r)["step"] <= start_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter

@@ -50,7 +50,11 @@ def test_every_stage_runs_and_unchanged_stages_are_reused(shrunk, tmp_path, caps
     for name, row in results.items():
         assert {"accuracy", "stderr", "problems", "ways"} <= set(row) and row["problems"] == 8, name
         assert ("paired_diff" in row) == (name not in ("base (random init)", "sft", "control")), name
-    assert (tmp_path / "redi_dynamics.png").exists()
+        if name not in ("base (random init)", "sft"):  # every lr of the grid graded on validation
+            assert list(row["val_grid"]) == ["0.0001", "0.001"] and len(row["val_grid"]["0.001"]) == 1, name
+    assert (tmp_path / "redi_dynamics.png").exists() and (tmp_path / "sft_curve.png").exists()
+    sft_metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in sft_metrics if "eval_pass@1" in m] == [0, 2]  # start, eval-every, end
 
 
 def test_flags_reach_the_stage_they_name(shrunk, tmp_path):
@@ -59,7 +63,7 @@ def test_flags_reach_the_stage_they_name(shrunk, tmp_path):
     run(["--objective", "sft", "--max-steps", "6", "--save-every", "3", "--out", str(tmp_path),
          "--eval-limit", "4"])
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # 0: the evaluation before training
     assert sorted(p.name for p in (tmp_path / "sft" / "ckpt").iterdir()) == ["step_00000003", "step_00000006"]
     assert not (tmp_path / "redi").exists()
 
@@ -119,10 +123,10 @@ def test_resume_continues_an_unfinished_stage_and_a_changed_stage_starts_over(sh
         run([*argv, "--save-every", "1"])
     run([*argv, "--save-every", "1", "--resume"])
     steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2] and (sft / "hf" / "model.safetensors").exists()
+    assert steps == [0, 1, 2] and (sft / "hf" / "model.safetensors").exists()
     run([*argv, "--save-every", "2"])  # other settings: trained anew (step_00000001 was the old run's)
     steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2] and sorted(p.name for p in (sft / "ckpt").iterdir()) == ["step_00000002"]
+    assert steps == [0, 1, 2] and sorted(p.name for p in (sft / "ckpt").iterdir()) == ["step_00000002"]
 
 
 def test_the_phi_chain_runs_every_stage_and_its_ablations(shrunk, tmp_path, monkeypatch):
