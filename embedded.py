@@ -355,9 +355,9 @@ def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, run
         paths = {**common, "data": str(data_path), "out": root / out}
         return stage_args(name, {}, paths | ({"init": str(init)} if init else {}))
 
-    mid, scratch = runner([Job(stage("phi-midtrain", data["corpus"], "midtrain")),
-                           Job(stage("phi-sft", data["subset"], "sft-scratch"))], "mid-training")
-    (sft,) = runner([Job(stage("phi-sft", data["subset"], "sft", mid["hf"]), rollout_pairs=own_pairs)], "sft")
+    (mid,) = runner([Job(stage("phi-midtrain", data["corpus"], "midtrain"))], "mid-training")  # every core
+    sft, scratch = runner([Job(stage("phi-sft", data["subset"], "sft", mid["hf"]), rollout_pairs=own_pairs),
+                           Job(stage("phi-sft", data["subset"], "sft-scratch"))], "sft")
     from_sft = {**common, "init": str(sft["hf"])}
     dpo = best_on_val("phi-dpo", given, {**from_sft, "data": str(task["pairs"]), "out": root / "dpo"}, runner)
     graded = {"base (random init)": base, "phi-midtrain": mid, "phi-sft": sft,
