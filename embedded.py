@@ -28,12 +28,15 @@ included) are repeated with K seeds of pair order. Per row, over the N test prob
     paired_stderr    sd_i(d̄_i, ddof 1) / sqrt(N), d̄_i = problem i's difference averaged over the seeds
     seed_mean, seed_stderr, paired_seed_stderr   (K > 1) the mean and sd/sqrt(K) over seeds of the accuracy,
                      and sd/sqrt(K) over seeds of the paired difference
+    vs_redi          (symmetric REDI, DPO, SimPO) the same paired statistics against REDI α 0.8 instead
+    val_grid         {lr: [validation pass@1 of each seed]}: the whole sweep
 and how often the model picks each way of solving and how often each way fails (data.synthetic.trace_way).
 
 Results: <out>/results.md (the table printed) and <out>/results.json ({"run", "task", "models"});
 <out>/redi_dynamics.png, the chosen and rejected per-token log-probs over training of each row (seed 0, its
-chosen lr). Greedy decoding and a fixed thread count per process make the tables the same from run to run
-on the same torch build and core count.
+chosen lr); <out>/sft_curve.png, SFT's validation pass@1 and loss over its steps. Greedy decoding and a
+fixed thread count per process make the tables the same from run to run on the same torch build and core
+count.
 """
 
 from __future__ import annotations
@@ -294,6 +297,9 @@ def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, 
     stats = {row: row_stats([g["test"] for g in graded[row]], control if row != "control" else None)
              for row in rows}
     for row in rows:
+        if "redi" in graded and row not in ("control", "redi"):  # the paper's claim is about REDI vs these
+            versus = row_stats([g["test"] for g in graded[row]], [g["test"] for g in graded["redi"]])
+            stats[row]["vs_redi"] = {k: v for k, v in versus.items() if k.startswith("paired")}
         stats[row] |= {"lr": [g["lr"] for g in graded[row]], "val_accuracy": [g["val"] for g in graded[row]],
                        "val_grid": {f"{lr:g}": scores[row][lr] for lr in grid}}  # every lr, every seed
     chosen = {row: [(k, best[k, r][1], best[k, r][2].parent / "metrics.jsonl") for k, r in keys if r == row]
@@ -334,15 +340,17 @@ def chat(problem: str, trace: str) -> list[dict]:
     return [{"role": "user", "content": problem}, {"role": "assistant", "content": trace}]
 
 
-def best_on_val(stage: str, given: dict, paths: dict, runner: Runner) -> dict:
-    """The stage at every lr of its recipe's lr-grid (or --lr / --lr-grid), graded on validation → the
-    best run (ties: the smaller lr), with its "lr"."""
+def best_on_val(stage: str, given: dict, runs: dict[str, dict], runner: Runner) -> dict[str, dict]:
+    """The stage at every lr of its recipe's lr-grid (or --lr / --lr-grid) for each {name: paths} of `runs`,
+    all in one wave, graded on validation → {name: the best run (ties: the smaller lr), with its "lr"}."""
     grid = [given["lr"]] if "lr" in given else flags.recipe(f"embedded-{stage}")["lr_grid"]
     grid = given.get("lr_grid", grid)
-    jobs = [Job(stage_args(stage, {}, {**paths, "lr": lr, "out": paths["out"] / f"lr{lr:g}"}),
-                splits=("val",)) for lr in grid]
-    runs = [r | {"lr": lr} for r, lr in zip(runner(jobs, stage), grid, strict=True)]
-    return max(runs, key=lambda r: (mean_sd(r["val"]["correct"])[0], -r["lr"]))
+    keys = [(name, lr) for name in runs for lr in grid]
+    jobs = [Job(stage_args(stage, {}, {**runs[name], "lr": lr, "out": runs[name]["out"] / f"lr{lr:g}"}),
+                splits=("val",)) for name, lr in keys]
+    done = [r | {"lr": lr} for r, (_, lr) in zip(runner(jobs, stage), keys, strict=True)]
+    return {name: max((r for r, (n, _) in zip(done, keys, strict=True) if n == name),
+                      key=lambda r: (mean_sd(r["val"]["correct"])[0], -r["lr"])) for name in runs}
 
 
 def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, runner: Runner) -> dict:
@@ -359,16 +367,15 @@ def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, run
     sft, scratch = runner([Job(stage("phi-sft", data["subset"], "sft", mid["hf"]), rollout_pairs=own_pairs),
                            Job(stage("phi-sft", data["subset"], "sft-scratch"))], "sft")
     from_sft = {**common, "init": str(sft["hf"])}
-    dpo = best_on_val("phi-dpo", given, {**from_sft, "data": str(task["pairs"]), "out": root / "dpo"}, runner)
+    pairs = {"phi-dpo": {**from_sft, "data": str(task["pairs"]), "out": root / "dpo"}}
+    if sft["pairs"]:  # else no problem had a right and a wrong sample: the variant has no data
+        pairs["phi-dpo, own rollouts"] = {**from_sft, "data": str(own_pairs), "out": root / "dpo-own"}
+    best = best_on_val("phi-dpo", given, pairs, runner)
     graded = {"base (random init)": base, "phi-midtrain": mid, "phi-sft": sft,
               "phi-sft, no mid-training": scratch}
-    if sft["pairs"]:  # else no problem had a right and a wrong sample: the variant has no data
-        own = best_on_val("phi-dpo", given, {**from_sft, "data": str(own_pairs), "out": root / "dpo-own"},
-                          runner)
-        (graded["phi-dpo, own rollouts"],) = runner([Job(model=own["hf"])], "dpo, own rollouts")
-        graded["phi-dpo, own rollouts"]["lr"] = own["lr"]
-    (graded["phi-dpo"],) = runner([Job(model=dpo["hf"])], "dpo")
-    graded["phi-dpo"]["lr"] = dpo["lr"]
+    for name, tested in zip(best, runner([Job(model=b["hf"]) for b in best.values()], "dpo"), strict=True):
+        graded[name] = tested | {"lr": best[name]["lr"]}
+    dpo = best["phi-dpo"]
     graded["phi-grpo"], graded["phi-grpo, no DPO"] = runner(
         [Job(stage("phi-grpo", data["rl"], "grpo", dpo["hf"])),
          Job(stage("phi-grpo", data["rl"], "grpo-no-dpo", sft["hf"]))], "grpo")
@@ -383,14 +390,15 @@ def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, run
 
 def phi_table(models: dict, num: int, budget: int) -> str:
     lines = [f"held-out accuracy on {num} synthetic problems (greedy, pass@1, {budget} new tokens max)", "",
-             "| stage | accuracy ± se | gain ± paired se | over | direct picked | fails: careful / direct |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| stage | lr | accuracy ± se | gain ± paired se | over | direct picked | "
+             "fails: careful / direct |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in models.items():
-        gain = f"{r['paired_diff']:+.3f} ± {r['paired_stderr']:.3f}" if "paired_diff" in r else ""
         ways = r["ways"]
         fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
                            for w in synthetic.WAYS)
-        lines.append(f"| {name} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {gain} | "
+        lr = "/".join(f"{x:g}" for x in r["lr"]) if "lr" in r else ""
+        lines.append(f"| {name} | {lr} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {paired(r)} | "
                      f"{r.get('versus', '')} | {ways['direct']['pick_rate']:.2f} | {fails} |")
     return "\n".join(lines)
 
@@ -447,20 +455,25 @@ def dynamics_plot(chosen: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def paired(r: dict | None) -> str:
+    """A row's paired difference ± its paired stderr, or "" where it has none."""
+    return f"{r['paired_diff']:+.3f} ± {r['paired_stderr']:.3f}" if r and "paired_diff" in r else ""
+
+
 def table(models: dict, num: int, budget: int) -> str:
     """Markdown: accuracy ± stderr, the paired difference against the control ± its stderr, the seeds'
     spread, the learning rate chosen, and the way the model solves (share direct, failure per way)."""
     lines = [f"held-out accuracy on {num} synthetic problems (greedy, pass@1, {budget} new tokens max)", "",
-             "| model | lr | accuracy ± se | vs control ± paired se | over seeds | direct picked | "
-             "fails: careful / direct |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | lr | accuracy ± se | vs control ± paired se | vs redi ± paired se | over seeds | "
+             "direct picked | fails: careful / direct |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in models.items():
         lr = "/".join(f"{x:g}" for x in r["lr"]) if "lr" in r else ""
-        paired = f"{r['paired_diff']:+.3f} ± {r['paired_stderr']:.3f}" if "paired_diff" in r else ""
         seeds = f"{r['seed_mean']:.3f} ± {r['seed_stderr']:.3f}" if "seed_mean" in r else ""
         ways = r["ways"]
         fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
                            for w in synthetic.WAYS)
-        lines.append(f"| {name} | {lr} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {paired} | {seeds} | "
+        lines.append(f"| {name} | {lr} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {paired(r)} | "
+                     f"{paired(r.get('vs_redi'))} | {seeds} | "
                      f"{ways['direct']['pick_rate']:.2f} | {fails} |")
     return "\n".join(lines)
 

@@ -52,6 +52,7 @@ def test_every_stage_runs_and_unchanged_stages_are_reused(shrunk, tmp_path, caps
         assert ("paired_diff" in row) == (name not in ("base (random init)", "sft", "control")), name
         if name not in ("base (random init)", "sft"):  # every lr of the grid graded on validation
             assert list(row["val_grid"]) == ["0.0001", "0.001"] and len(row["val_grid"]["0.001"]) == 1, name
+        assert ("vs_redi" in row) == (name in ("redi-symmetric", "dpo", "simpo")), name
     assert (tmp_path / "redi_dynamics.png").exists() and (tmp_path / "sft_curve.png").exists()
     sft_metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in sft_metrics if "eval_pass@1" in m] == [0, 2]  # start, eval-every, end
