@@ -5,6 +5,7 @@
     python train.py --objective redi --lr 3e-5    # one learning rate for every pair stage (no sweep)
     python train.py --objective sft --max-steps 6 # only the SFT stage, with these flags
     python train.py --objective grpo              # task → SFT → GRPO
+    python train.py --recipe phi-embedded         # task → mid-training → SFT → rollout DPO → GRPO (phi_chain)
 
 No network, no weights: it builds the synthetic task (data/synthetic.py, under <out>/task), trains the `tiny`
 model through the recipe's stages, and evaluates every model on the task's held-out problems. Each stage
@@ -36,7 +37,8 @@ Results: <out>/results.md (the table printed) and <out>/results.json ({"run", "t
 <out>/redi_dynamics.png, the chosen and rejected per-token log-probs over training of each row (seed 0, its
 chosen lr); <out>/sft_curve.png, SFT's validation pass@1 and loss over its steps. Greedy decoding and a
 fixed thread count per process make the tables the same from run to run on the same torch build and core
-count.
+count. The Phi-4-mini-reasoning chain writes its table the same way, with each stage's gain paired against
+the stage before it (PHI_ROWS), and <out>/phi_grpo.png, both GRPO runs' reward and validation pass@1.
 """
 
 from __future__ import annotations
@@ -403,26 +405,28 @@ def phi_table(models: dict, num: int, budget: int) -> str:
     return "\n".join(lines)
 
 
-def curve_plot(metrics: Path, path: Path, curves: dict[str, str], xlabel: str,
+def curve_plot(runs: dict[str, Path], path: Path, curves: dict[str, str], xlabel: str,
                log_key: str | None = None) -> None:
-    """A stage's metrics.jsonl as curves over steps: {key: label}, evaluations marked; `log_key` (a loss)
-    on its own log-scale axis at the right."""
+    """Stages' metrics.jsonl ({name: path}) as curves over steps, one color per run and one line style per
+    metric ({key: label}), evaluations marked; `log_key` (a loss) on its own log-scale axis at the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for key, label in curves.items():
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if not points:  # e.g. no evaluation (--eval-every 0)
-            continue
-        ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_pass@1" else None, label=label)
-    if log_key:
-        right = ax.twinx()
-        right.plot(*zip(*[(r["step"], r[log_key]) for r in rows if log_key in r], strict=True), color="gray",
-                   alpha=0.5, linewidth=0.8)
+    right = ax.twinx() if log_key else None
+    for color, (name, metrics) in enumerate(runs.items()):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        for style, (key, label) in zip(("-", "--", ":"), curves.items(), strict=False):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:  # none: e.g. no evaluation (--eval-every 0)
+                ax.plot(*zip(*points, strict=True), style, color=f"C{color}", label=f"{name}{label}",
+                        marker="o" if key == "eval_pass@1" else None)
+        if right is not None:
+            right.plot(*zip(*[(r["step"], r[log_key]) for r in rows if log_key in r], strict=True),
+                       color="gray", alpha=0.5, linewidth=0.8)
+    if right is not None:
         right.set_yscale("log")
         right.set_ylabel(f"training {log_key} (gray, log scale)", fontsize=8)
     ax.set_xlabel(xlabel)
@@ -550,9 +554,9 @@ def write_results(root: Path, models: dict, task: dict, budget: int, runner: Run
     if chosen:
         dynamics_plot(chosen, root / "redi_dynamics.png")
     if not phi:
-        curve_plot(root / "sft" / "metrics.jsonl", root / "sft_curve.png",
+        curve_plot({"": root / "sft" / "metrics.jsonl"}, root / "sft_curve.png",
                    {"eval_pass@1": "validation pass@1 (greedy)"}, "SFT step", "loss")
     if phi:
-        curve_plot(root / "grpo" / "metrics.jsonl", root / "phi_grpo.png",
-                   {"reward": "training reward", "accuracy": "training accuracy (rollouts)",
-                    "eval_pass@1": "validation pass@1 (greedy)"}, "GRPO step")
+        curve_plot({"from DPO: ": root / "grpo" / "metrics.jsonl",
+                    "from SFT (no DPO): ": root / "grpo-no-dpo" / "metrics.jsonl"}, root / "phi_grpo.png",
+                   {"reward": "training reward", "eval_pass@1": "validation pass@1 (greedy)"}, "GRPO step")
