@@ -144,9 +144,8 @@ class Job:
     rollout_pairs: Path | None = None  # also write (correct, incorrect) pairs of the model's own samples here
 
 
-def grade(model: Path, problems: list, suffix: str, tok: Tokenizer, budget: int, d) -> dict:
+def grade(model: Transformer, problems: list, suffix: str, tok: Tokenizer, budget: int, d) -> dict:
     """Greedy pass@1 per problem and the way (data.synthetic.trace_way) each completion took."""
-    model = Transformer.from_pretrained(model, device=d.device).eval()
     result = evaluate_shards(model, tok, problems, rank=d.rank, world=d.world, n=1, temperature=0.0,
                              top_p=1.0, max_new_tokens=budget, batch_size=512, prompt_suffix=suffix)
     correct = [p.rewards[0] for p in result.problems]
@@ -171,20 +170,20 @@ def do_job(job: Job, task: dict, budget: int, limits: dict, code: str) -> dict:
     else:
         hf = run_stage(job.args, d.rank, code)
     tok, out = Tokenizer.from_pretrained(task["tokenizer"]), {"hf": hf}
+    model = Transformer.from_pretrained(hf, device=d.device).eval()
     for split in job.splits:
         _, problems, suffix = load_problems(str(task[split]))
-        out[split] = grade(hf, problems[: limits.get(split)], suffix, tok, budget, d)
+        out[split] = grade(model, problems[: limits.get(split)], suffix, tok, budget, d)
     if job.rollout_pairs is not None:
-        out["pairs"] = rollout_pairs(hf, task, tok, budget, job.rollout_pairs, d)
+        out["pairs"] = rollout_pairs(model, task, tok, budget, job.rollout_pairs, d)
     return out
 
 
-def rollout_pairs(model: Path, task: dict, tok: Tokenizer, budget: int, path: Path, d) -> int:
+def rollout_pairs(model: Transformer, task: dict, tok: Tokenizer, budget: int, path: Path, d) -> int:
     """What `eval.py --pairs-out` writes for the training problems: ROLLOUTS completions per problem at
     T = 1 from `model`, and for each problem with a correct and an incorrect one the first of each → the
     number of pairs."""
     _, problems, suffix = load_problems(str(task["rl"]))
-    model = Transformer.from_pretrained(model, device=d.device).eval()
     result = evaluate_shards(model, tok, problems[:ROLLOUT_PROBLEMS], rank=d.rank, world=d.world, n=ROLLOUTS,
                              temperature=1.0, top_p=1.0, max_new_tokens=budget, batch_size=512,
                              prompt_suffix=suffix, seed=1)
@@ -247,6 +246,16 @@ class Runner:
             self.pool.join()
 
 
+def lr_grid(given: dict, recipe: str) -> list[float]:
+    """The learning rates a sweep trains at: --lr-grid, else --lr alone, else the recipe's lr-grid."""
+    return given.get("lr_grid", [given["lr"]] if "lr" in given else flags.recipe(recipe)["lr_grid"])
+
+
+def best_key(score: float, lr: float) -> tuple[float, float]:
+    """The order a sweep's runs are chosen in: the best validation score; of equal ones, the smaller lr."""
+    return score, -lr
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -278,7 +287,7 @@ def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, 
     each seed → ({row: row_stats}, {row: [(seed, lr, metrics path)]} for the dynamics plot). Two waves: every
     (seed, row, lr) trained and graded on validation, then each (seed, row)'s best graded on test."""
     rows = list(PAIR_ROWS) if given.get("compare", True) else ["control", named]
-    grid = given.get("lr_grid", [given["lr"]] if "lr" in given else flags.recipe("embedded-pairs")["lr_grid"])
+    grid = lr_grid(given, "embedded-pairs")
     runs = [(k, row, lr) for k in range(given.get("seeds", 1)) for row in rows for lr in grid]
     jobs = [Job(stage_args(row, user_flags_for(row, named, given),
                            {**common, "seed": common["seed"] + k, "lr": lr, "data": str(task["pairs"]),
@@ -289,7 +298,7 @@ def pair_comparison(named: str, given: dict, task: dict, root: Path, sft: Path, 
         score = mean_sd(done["val"]["correct"])[0]
         scores[row][lr].append(score)
         log.info("%s seed %d lr %g: validation pass@1 %.3f", row, k, lr, score)
-        if (k, row) not in best or score > best[k, row][0]:  # ties keep the smaller learning rate
+        if (k, row) not in best or best_key(score, lr) > best_key(*best[k, row][:2]):
             best[k, row] = (score, lr, done["hf"])
     keys = list(best)
     tested = dict(zip(keys, runner([Job(model=best[key][2]) for key in keys], "test"), strict=True))
@@ -319,8 +328,10 @@ def phi_data(task: dict, out: Path) -> dict[str, Path]:
     """The chain's data, from the task's teacher rows (teacher.jsonl): corpus.jsonl, every trace the
     verifier accepted (the distillation corpus of mid-training: all of them, not one per problem), and
     subset.jsonl, the first correct trace of the hardest problems (the most changes: the "higher-quality
-    subset" of distillation SFT). The rollout-preference pairs are the task's pairs.jsonl: each problem's
-    first rejected teacher trace (what mid-training and SFT filtered out) beside its first correct one."""
+    subset" of distillation SFT), and rl.jsonl, the first RL_PROBLEMS training problems (GRPO's prompts
+    before its pass-rate filter, which samples every one of them). The rollout-preference pairs are the
+    task's pairs.jsonl: each problem's first rejected teacher trace (what mid-training and SFT filtered out)
+    beside its first correct one."""
     rows = [json.loads(line) for line in task["teacher"].read_text(encoding="utf-8").splitlines()]
     hardest = max(row["steps"] for row in rows)
     corpus, subset = [], []
@@ -345,14 +356,12 @@ def chat(problem: str, trace: str) -> list[dict]:
 def best_on_val(stage: str, given: dict, runs: dict[str, dict], runner: Runner) -> dict[str, dict]:
     """The stage at every lr of its recipe's lr-grid (or --lr / --lr-grid) for each {name: paths} of `runs`,
     all in one wave, graded on validation → {name: the best run (ties: the smaller lr), with its "lr"}."""
-    grid = [given["lr"]] if "lr" in given else flags.recipe(f"embedded-{stage}")["lr_grid"]
-    grid = given.get("lr_grid", grid)
-    keys = [(name, lr) for name in runs for lr in grid]
+    keys = [(name, lr) for name in runs for lr in lr_grid(given, f"embedded-{stage}")]
     jobs = [Job(stage_args(stage, {}, {**runs[name], "lr": lr, "out": runs[name]["out"] / f"lr{lr:g}"}),
                 splits=("val",)) for name, lr in keys]
     done = [r | {"lr": lr} for r, (_, lr) in zip(runner(jobs, stage), keys, strict=True)]
     return {name: max((r for r, (n, _) in zip(done, keys, strict=True) if n == name),
-                      key=lambda r: (mean_sd(r["val"]["correct"])[0], -r["lr"])) for name in runs}
+                      key=lambda r: best_key(mean_sd(r["val"]["correct"])[0], r["lr"])) for name in runs}
 
 
 def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, runner: Runner) -> dict:
@@ -390,18 +399,24 @@ def phi_chain(given: dict, task: dict, root: Path, common: dict, base: dict, run
     return rows
 
 
+def row_cells(r: dict) -> tuple[str, str, str]:
+    """A row's learning rates (one per seed), the share of direct answers, and each way's failure rate."""
+    lr = "/".join(f"{x:g}" for x in r["lr"]) if "lr" in r else ""
+    ways = r["ways"]
+    fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
+                       for w in synthetic.WAYS)
+    return lr, f"{ways['direct']['pick_rate']:.2f}", fails
+
+
 def phi_table(models: dict, num: int, budget: int) -> str:
     lines = [f"held-out accuracy on {num} synthetic problems (greedy, pass@1, {budget} new tokens max)", "",
              "| stage | lr | accuracy ± se | gain ± paired se | over | direct picked | "
              "fails: careful / direct |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in models.items():
-        ways = r["ways"]
-        fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
-                           for w in synthetic.WAYS)
-        lr = "/".join(f"{x:g}" for x in r["lr"]) if "lr" in r else ""
+        lr, direct, fails = row_cells(r)
         lines.append(f"| {name} | {lr} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {paired(r)} | "
-                     f"{r.get('versus', '')} | {ways['direct']['pick_rate']:.2f} | {fails} |")
+                     f"{r.get('versus', '')} | {direct} | {fails} |")
     return "\n".join(lines)
 
 
@@ -471,14 +486,10 @@ def table(models: dict, num: int, budget: int) -> str:
              "| model | lr | accuracy ± se | vs control ± paired se | vs redi ± paired se | over seeds | "
              "direct picked | fails: careful / direct |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in models.items():
-        lr = "/".join(f"{x:g}" for x in r["lr"]) if "lr" in r else ""
+        lr, direct, fails = row_cells(r)
         seeds = f"{r['seed_mean']:.3f} ± {r['seed_stderr']:.3f}" if "seed_mean" in r else ""
-        ways = r["ways"]
-        fails = " / ".join("-" if ways[w]["failure_rate"] is None else f"{ways[w]['failure_rate']:.2f}"
-                           for w in synthetic.WAYS)
         lines.append(f"| {name} | {lr} | {r['accuracy']:.3f} ± {r['stderr']:.3f} | {paired(r)} | "
-                     f"{paired(r.get('vs_redi'))} | {seeds} | "
-                     f"{ways['direct']['pick_rate']:.2f} | {fails} |")
+                     f"{paired(r.get('vs_redi'))} | {seeds} | {direct} | {fails} |")
     return "\n".join(lines)
 
 
@@ -556,7 +567,7 @@ def write_results(root: Path, models: dict, task: dict, budget: int, runner: Run
     if not phi:
         curve_plot({"": root / "sft" / "metrics.jsonl"}, root / "sft_curve.png",
                    {"eval_pass@1": "validation pass@1 (greedy)"}, "SFT step", "loss")
-    if phi:
+    else:
         curve_plot({"from DPO: ": root / "grpo" / "metrics.jsonl",
                     "from SFT (no DPO): ": root / "grpo-no-dpo" / "metrics.jsonl"}, root / "phi_grpo.png",
                    {"reward": "training reward", "eval_pass@1": "validation pass@1 (greedy)"}, "GRPO step")

@@ -27,7 +27,7 @@ DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dp
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="train.py", description=DESCRIPTION,
-                                formatter_class=argparse.RawTextHelpFormatter)
+                       formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
     p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())})")
     p.add_argument("--config", type=Path, help="a TOML file of flag values (names with - or _); flags win")
