@@ -53,6 +53,7 @@ import math
 import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,13 +225,14 @@ class Runner:
                                 code=self.code[1])
         if self.workers == 1:
             return self._pinned(run, jobs)
-        if self.pool is None:
+        if self.pool is None:  # a worker that dies raises BrokenProcessPool (a Pool would wait forever)
             context = multiprocessing.get_context("spawn")
             queue = context.Queue()
             for core in self.cores[: self.workers]:
                 queue.put(core)
-            self.pool = context.Pool(self.workers, initializer=_pin_worker, initargs=(queue,))
-        return list(tqdm(self.pool.imap(run, jobs), total=len(jobs), desc=desc, disable=not self.d.main))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_pin_worker,
+                                            initargs=(queue,))
+        return list(tqdm(self.pool.map(run, jobs), total=len(jobs), desc=desc, disable=not self.d.main))
 
     def _pinned(self, run, jobs: list[Job]) -> list[dict]:  # noqa: ANN001
         os.sched_setaffinity(0, {self.cores[0]})
@@ -242,8 +244,7 @@ class Runner:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def lr_grid(given: dict, recipe: str) -> list[float]:

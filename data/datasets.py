@@ -89,6 +89,8 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -578,7 +580,10 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
 
 def tokenize_records(job: TokenizeJob, records: Iterable, num_workers: int, desc: str) -> Iterator[tuple]:
     """job.run over the records in order, in `num_workers` spawned processes (0: here), with a progress bar.
-    At most 4 chunks per worker are in flight, so a big file is never all in memory."""
+    At most 4 chunks per worker are in flight, so a big file is never all in memory. The workers are shut
+    down when this generator ends, however it ends (a consumer that stops on a bad record closes it: an
+    abandoned pool terminated later by the garbage collector can deadlock); a worker that dies raises
+    BrokenProcessPool instead of leaving its chunk waited for forever."""
     bar = tqdm(desc=desc, unit=" records", disable=None, dynamic_ncols=True)
     with bar:
         if num_workers <= 0:
@@ -586,12 +591,15 @@ def tokenize_records(job: TokenizeJob, records: Iterable, num_workers: int, desc
                 yield from job.run(chunk)
                 bar.update(len(chunk))
             return
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(num_workers, initializer=_init_worker, initargs=(job,)) as pool:
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(job,))
+        try:
             for window in _batched(_batched(records, CHUNK), 4 * num_workers):
-                for results in pool.imap(_run_chunk, window):
+                for results in pool.map(_run_chunk, window):
                     yield from results
                     bar.update(len(results))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- the loaders ------------------------------------------------------------------------------------------
@@ -706,20 +714,21 @@ def _load(kind: str, path, tok: Tokenizer, rules: LengthRules, think_prefix: boo
             return dataset
 
     counts, bad, sequences, rows, all_text = Counter(), [], [], [], True
-    results = tokenize_records(job, read_records(files), num_workers, desc=f"tokenizing {Path(path).name}")
-    for result in results:
-        counts["read"] += 1
-        outcome = result[0]
-        if outcome == "bad":
-            _bad_record(BadRecord(result[1]), skip_bad, counts, bad)
-            continue
-        counts[outcome] += 1
-        if outcome.startswith("dropped"):
-            continue
-        _, row, is_text, unit = result
-        all_text &= is_text
-        rows.append(row)
-        sequences.extend(unit)
+    with closing(tokenize_records(job, read_records(files), num_workers,
+                                  desc=f"tokenizing {Path(path).name}")) as results:
+        for result in results:
+            counts["read"] += 1
+            outcome = result[0]
+            if outcome == "bad":
+                _bad_record(BadRecord(result[1]), skip_bad, counts, bad)
+                continue
+            counts[outcome] += 1
+            if outcome.startswith("dropped"):
+                continue
+            _, row, is_text, unit = result
+            all_text &= is_text
+            rows.append(row)
+            sequences.extend(unit)
     if not rows:
         raise ValueError(f"{path}: no examples left ({_summary(_stats(files, counts, bad, kept=0))})")
 
