@@ -3,14 +3,16 @@ rules and their counts, the on-disk cache (hit, miss on a changed file or option
 
 import json
 import logging
+import os
 import re
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 from test_tokenizer import make_tiny_tokenizer
 
-from data.datasets import load_pairs, load_rl, load_sft
+from data.datasets import LengthRules, TokenizeJob, load_pairs, load_rl, load_sft, tokenize_records
 from data.tokenizer import Tokenizer
 
 
@@ -252,6 +254,22 @@ def test_parallel_tokenization_matches_inline(tok, tmp_path):
     assert parallel.stats["skipped_bad"] == 1 and 77 not in parallel.rows.tolist() and len(parallel) == 149
     with pytest.raises(ValueError, match="sft.jsonl:78: field 'prompt'"):
         load_sft(path, tok, num_workers=2)
+
+
+class DyingJob(TokenizeJob):
+    """A tokenizing job whose worker process dies on its first chunk (killed, out of memory, ...)."""
+
+    def run(self, chunk):
+        os._exit(3)
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tok):
+    """multiprocessing.Pool waits forever for the chunk of a worker that died (CI once sat 90 minutes in
+    this file); the pool now says so."""
+    job = DyingJob(tok, "sft", LengthRules(None, None, "drop", "truncate"))
+    records = [(row, f"f.jsonl:{row + 1}", "value", SFT[0]) for row in range(4)]
+    with pytest.raises(BrokenProcessPool):
+        list(tokenize_records(job, records, num_workers=2, desc="dying"))
 
 
 def test_undecodable_and_too_deep_lines_name_file_and_line_and_can_be_skipped(tok, tmp_path):
