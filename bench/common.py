@@ -4,6 +4,7 @@
     free_memory(device); ...; peak_memory_gib(device)   # peak allocation of one implementation
     print(markdown_table(["impl", "tok/s"], rows))
     write_json(path, report)
+    transformers = import_transformers()  # the peer, whatever the project's top-level kernels/ shadows
 
 CUDA-event timing and the copy / matmul ceilings come from bench/kernels.py (`Bench`, `measure_ceilings`).
 """
@@ -12,14 +13,51 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import platform
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_transformers() -> ModuleType:
+    """`import transformers`, in a process that has this checkout on its path.
+
+    transformers >= 5.25 imports Hugging Face's `kernels` package (`from kernels import Mode`, at import
+    and inside functions), and this project's top-level `kernels/` has the same import name: with the
+    checkout on sys.path, `kernels` is ours and those imports fail. Both can live under the one name, since
+    their submodules differ (ours: cross_entropy, linear_logprobs, reference; theirs: _internals, _rust,
+    benchmark): where Hugging Face's package is installed, our package's __path__ is extended with its
+    directory (so `kernels._internals...` finds their files), their __init__ runs once as a module of its
+    own, and a name our package lacks (`Mode`, `CUDAProperties`, ...) is looked up there. `kernels` goes on
+    meaning ours for the project. Tests (conftest.py) and the benchmarks import transformers through this
+    function only."""
+    ours = importlib.import_module("kernels")
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+    if spec is not None and spec.submodule_search_locations and "__getattr__" not in vars(ours):
+        ours.__path__.extend(spec.submodule_search_locations)
+        theirs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(theirs)  # its `from kernels._internals... import` resolve through ours
+
+        def __getattr__(name: str):  # noqa: N807, ANN202 (PEP 562: names only theirs has)
+            try:
+                return getattr(theirs, name)
+            except AttributeError:
+                raise AttributeError(f"module 'kernels' has no attribute {name!r}") from None
+
+        ours.__getattr__ = __getattr__
+    return importlib.import_module("transformers")
 
 
 def free_memory(device: torch.device) -> None:
@@ -37,7 +75,7 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
-    import transformers
+    transformers = import_transformers()
     try:
         import triton
         triton_version = triton.__version__

@@ -45,7 +45,14 @@ import torch
 
 import errors
 import model.generate as generation
-from bench.common import environment, free_memory, markdown_table, peak_memory_gib, write_json
+from bench.common import (
+    environment,
+    free_memory,
+    import_transformers,
+    markdown_table,
+    peak_memory_gib,
+    write_json,
+)
 from bench.kernels import Bench, measure_ceilings
 from model import ModelConfig, Transformer
 from model.generate import generate, release_decode_state
@@ -61,7 +68,7 @@ DRY_RUN_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_
 
 def build_models(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int):
     """(transformers' model with its own random init, our Transformer holding the same weights)."""
-    import transformers
+    transformers = import_transformers()
 
     hf_config = config.to_hf(dtype=str(dtype).removeprefix("torch."))
     hf_config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)

@@ -64,7 +64,14 @@ import torch.distributed as dist
 
 import errors
 import train
-from bench.common import environment, free_memory, markdown_table, peak_memory_gib, write_json
+from bench.common import (
+    environment,
+    free_memory,
+    import_transformers,
+    markdown_table,
+    peak_memory_gib,
+    write_json,
+)
 from bench.kernels import Bench, measure_ceilings
 from data.packing import IGNORE, PackedBatch, best_fit_decreasing, collate
 from losses import sft_loss
@@ -199,7 +206,7 @@ def nanoreason_step(args: argparse.Namespace, config: ModelConfig, precision: st
 
 def hf_step(args: argparse.Namespace, config: ModelConfig, precision: str, device: torch.device) -> Callable:
     """transformers' model (+ Liger if applied) at the same precision -> step(inputs dict) -> the loss."""
-    import transformers
+    transformers = import_transformers()
 
     param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     hf_config = config.to_hf(dtype=str(param_dtype).removeprefix("torch."))

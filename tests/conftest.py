@@ -10,6 +10,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import import_transformers  # noqa: E402 (after the checkout is on the path)
+
+try:  # before any test: transformers >= 5.25 needs Hugging Face's `kernels`, which ours shadows
+    import_transformers()
+except ImportError:
+    pass  # transformers is a dev requirement: the tests that compare against it skip or fail on their own
+
 SHARED = Path(os.environ.get("NANOREASON_SHARED", ROOT.parent / "shared"))
 BENCHMARKS = SHARED / "benchmarks"
 QWEN3_TOKENIZER = SHARED / "tokenizers" / "qwen3"
