@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from test_tokenizer import make_tiny_tokenizer
 
-from data.datasets import LengthRules, TokenizeJob, load_pairs, load_rl, load_sft, tokenize_records
+from data.datasets import load_pairs, load_rl, load_sft
+from data.length_rules import LengthRules
+from data.tokenization import TokenizeJob, tokenize_records
 from data.tokenizer import Tokenizer
 
 

@@ -145,5 +145,8 @@ def test_bad_input_names_file_and_line(tmp_path):
         build(bad, tmp_path / "out")
     with pytest.raises(FileNotFoundError):
         list(read_rows(tmp_path / "out"))
-    with pytest.raises(ValueError, match="expected a .parquet or .jsonl"):
+    with pytest.raises(FileNotFoundError, match="bad.csv: no such file or directory .* bad.jsonl, out"):
+        list(read_rows(tmp_path / "bad.csv"))  # a path that does not exist: named, with what is there
+    (tmp_path / "bad.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="bad.csv: expected a .parquet, .jsonl file"):
         list(read_rows(tmp_path / "bad.csv"))

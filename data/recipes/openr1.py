@@ -34,6 +34,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from data.files import data_files, jsonl_objects, parquet_rows
+
 REDI_VERIFIERS = ("llama_verification", "math_verify_reparsed_answer")
 EXCLUDED_SOURCES = ("cn_k12",)
 _COLUMNS = ("uuid", "problem", "problem_is_valid", "source", "generations", "correctness")
@@ -122,43 +124,11 @@ def select(
 def read_rows(path: str | os.PathLike, columns: Iterable[str] = ()) -> Iterator[dict]:
     """The rows of a .parquet or .jsonl file, or of every such file under a directory (sorted by name).
     From Parquet only `columns` are read (all when empty): the unused columns of a big copy stay on disk."""
-    path = Path(path)
-    files = [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no .parquet or .jsonl files in it")
-    for file in files:
+    for file in data_files(path, (".parquet", ".jsonl")):
         if file.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                parquet = pq.ParquetFile(file)
-                names = [c for c in parquet.schema_arrow.names if c in set(columns)] or None
-                for batch in parquet.iter_batches(batch_size=64, columns=names):
-                    yield from batch.to_pylist()
-            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-                raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
-        elif file.suffix == ".jsonl":
-            with open(file, "rb") as f:
-                for line_number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line.decode("utf-8"))
-                    except UnicodeDecodeError as e:
-                        raise ValueError(f"{file}:{line_number}: not UTF-8 text (byte 0x{line[e.start]:02x} "
-                                         f"at column {e.start + 1})") from None
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{file}:{line_number}: not valid JSON ({e})") from None
-                    except RecursionError:
-                        raise ValueError(f"{file}:{line_number}: nested too deeply to read") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{file}:{line_number}: expected a JSON object, got "
-                                         f"{type(row).__name__}")
-                    yield row
+            yield from parquet_rows(file, tuple(columns))
         else:
-            raise ValueError(f"{file}: expected a .parquet or .jsonl file")
+            yield from (row for _, row in jsonl_objects(file))
 
 
 def build(
