@@ -140,13 +140,15 @@ def _json_file(file: Path):  # noqa: ANN202 (parsed JSON)
         raise ValueError(f"{file}: nested too deeply to read") from None
 
 
-def parquet_columns(file: Path) -> list[str]:
-    """The column names of a Parquet file (its schema only is read)."""
+def parquet_schema(file: Path) -> dict[str, list[str]]:
+    """{column name: the names of its fields (a struct column), else []} of a Parquet file (its schema only
+    is read)."""
     pq, pa = _pyarrow(file)
     try:
-        return list(pq.ParquetFile(file).schema_arrow.names)
+        schema = pq.ParquetFile(file).schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+    return {f.name: [c.name for c in f.type] if pa.types.is_struct(f.type) else [] for f in schema}
 
 
 def parquet_rows(file: Path, columns: Collection[str] = ()) -> Iterator[dict]:
