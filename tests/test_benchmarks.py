@@ -209,3 +209,32 @@ def test_the_real_files_by_name_and_by_path(monkeypatch):
     for name in NAMES:
         by_name, by_path = load_problems(name), load_problems(str(BENCHMARKS / f"{name}.jsonl"))
         assert by_name[1:] == by_path[1:] and len(by_name[1]) == COUNTS[name]
+
+
+def test_hub_copies_through_the_one_parquet_reader(tmp_path, monkeypatch, capsys):
+    """A hub dataset whose test split is Parquet (as math-ai/amc23's is) becomes JSONL: in the cache for a
+    name without a local copy, or in DIR by `python -m data.benchmarks --out DIR` (the hub stubbed here)."""
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data import benchmarks
+    from data.prompts import BOXED_INSTRUCTION
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "data").mkdir(parents=True)
+    rows = [{"id": 0, "question": "Cities $A$ and $B$ ...", "answer": 27.0},
+            {"id": 1, "question": "q", "answer": 3}]
+    pq.write_table(pa.Table.from_pylist(rows), snapshot / "data" / "test-00000-of-00001.parquet")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append(repo) or snapshot)
+    monkeypatch.setattr(benchmarks, "HUB_CACHE", tmp_path / "cache")
+    monkeypatch.delenv(benchmarks.LOCAL_ENV, raising=False)
+    name, problems, suffix = load_problems("amc23")
+    assert asked == ["math-ai/amc23"] and suffix == BOXED_INSTRUCTION
+    assert problems == [Problem(id="0", problem="Cities $A$ and $B$ ...", answer="27"),
+                        Problem(id="1", problem="q", answer="3")]
+    benchmarks.main(["--out", str(tmp_path / "local"), "amc23"])
+    assert "amc23: 2 problems from math-ai/amc23" in capsys.readouterr().out
+    assert load_problems("amc23", benchmark_dir=tmp_path / "local")[1] == problems
