@@ -9,9 +9,10 @@
 
 A problem's prompt is the chat template applied to one user message, the problem text followed by
 "\\n" + --prompt-suffix (default: "Please reason step by step, and put your final answer within \\boxed{}."
-for the named benchmarks, none for files such as the synthetic task's), plus "<think>\\n" with
---think-prefix. Each of the n completions is graded by data.rewards.math_reward (with --think-prefix the
-stored completion starts with that "<think>\\n", so the answer is what follows "</think>").
+for the five benchmarks, by name or as a file named like one; none for other files such as the synthetic
+task's), plus "<think>\\n" with --think-prefix. Each of the n completions is graded by
+data.rewards.math_reward (with --think-prefix the stored completion starts with that "<think>\\n", so the
+answer is what follows "</think>").
 
 Metrics over a benchmark's P problems, problem i having c_i correct of n completions:
     pass@1        = (1/P) sum_i c_i / n                               (the mean over the n samples)
