@@ -12,7 +12,7 @@ counts, and a CRC-32 of each .npy file). It is written to a temporary directory 
 never sees half of one. `load` checks what it maps before anything reads it: meta.json parses and has every
 field; each array has its dtype, one dimension and the length the others imply (len(mask) = len(tokens);
 offsets start at 0, never decrease and end at len(tokens); a unit per row, two sequences per unit for
-pairs); and each file's CRC-32 matches (a full read of the files: about 1.4 GB/s on one core). Anything
+pairs); and each file's CRC-32 matches (one full read of the files per load). Anything
 else is a DamagedCache naming the file and what is wrong, which the loaders (data/datasets.py) log in one
 line before tokenizing again.
 
