@@ -63,9 +63,10 @@ from tqdm import tqdm
 
 import flags
 from data import synthetic
+from data.benchmarks import load_problems
 from data.tokenizer import Tokenizer
 from errors import UserError
-from eval import evaluate_shards, load_problems, preference_pairs
+from eval import evaluate_shards, preference_pairs
 from losses import PAIR_OBJECTIVES
 from model import ModelConfig, Transformer
 from train import setup_distributed, train

@@ -48,10 +48,11 @@ from tqdm import tqdm
 import checkpoint
 import errors
 import rollouts
+from data.benchmarks import load_problems
 from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
 from data.tokenizer import Tokenizer
-from eval import evaluate_shards, load_problems
+from eval import evaluate_shards
 from flags import parse_args
 from losses import PAIR_OBJECTIVES, PairLogps, group_advantages, grpo_loss, grpo_loss_unit, sft_loss
 from metrics import MetricsLog, peak_flops, train_flops

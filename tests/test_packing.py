@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.datasets import TokenizedDataset
 from data.packing import IGNORE, PackedBatch, StepSampler, best_fit_decreasing, collate, pack_stream
+from data.tokenized_dataset import TokenizedDataset
 
 
 def make_dataset(lengths, kind="sft", seed=0, pad_id=0) -> TokenizedDataset:
