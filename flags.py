@@ -2,8 +2,8 @@
 
     the flags' defaults  ←  --recipe NAME (recipes/NAME.toml)  ←  --config FILE (TOML)  ←  the flags given
 
-each overriding the one before; a pair objective's own defaults (losses.PAIR_OBJECTIVES, e.g. DPO's β 0.1)
-fill what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
+each overriding the one before; the objective's own defaults (losses.OBJECTIVES, e.g. DPO's β 0.1) fill
+what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
 `batch_size = 32`); an unknown name, or a value of the wrong type, is an error that names the file. The
 embedded default (embedded.py) builds every stage the same way, its stage recipes as the layer between the
 defaults and the flags: `resolve(given_flags(argv), recipe("embedded-sft"))`. The resolved values are then
@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 
 from errors import DEBUG_HELP, ArgumentParser, UserError, check_ranges
-from losses import PAIR_OBJECTIVES
+from losses import OBJECTIVES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo."
@@ -191,8 +191,8 @@ def validate(values: dict) -> None:
 
 
 def objectives() -> tuple[str, ...]:
-    """sft, the pair objectives of losses.PAIR_OBJECTIVES, grpo."""
-    return ("sft", *PAIR_OBJECTIVES, "grpo")
+    """The objectives of losses.OBJECTIVES."""
+    return tuple(OBJECTIVES)
 
 
 def recipe_names() -> list[str]:
@@ -257,10 +257,9 @@ def resolve(given: dict, *layers: dict) -> argparse.Namespace:
     stack += [*layers, read_toml(given["config"], parser) if given.get("config") else {}, given]
     for layer in stack:
         values.update(layer)
-    if values["objective"] in PAIR_OBJECTIVES:  # the objective's own defaults, unless set above
-        for key, value in PAIR_OBJECTIVES[values["objective"]].defaults.items():
-            if values[key] is None:
-                values[key] = value
+    for key, value in OBJECTIVES[values["objective"]].defaults.items():  # unless set above
+        if values[key] is None:
+            values[key] = value
     validate(values)
     return argparse.Namespace(**values)
 

@@ -162,7 +162,7 @@ def test_grpo_update_is_the_same_on_two_processes(aggregation, updates):
     assert one.keys() == two.keys()
     for key in one:
         assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), (key, one[key], two[key])
-    if updates == "2":  # off-policy (the sampler's log-probs as π_old): the clip is exercised
+    if updates == "2":  # off-policy (the sampling copy's log-probs as π_old): the clip is exercised
         assert one["clip_high_fraction"] + one["clip_low_fraction"] > 0
     else:  # on-policy: ratio 1, nothing clipped
         assert one["ratio_mean"] == pytest.approx(1.0) and one["clip_high_fraction"] == 0
@@ -172,17 +172,17 @@ def test_schedule_plan_and_flag_helpers():
     import numpy as np
 
     import train
-    from data.packing import StepSampler
+    from data.packing import StepPlan
 
     args = train.parse_args(["--lr", "1", "--warmup", "0.1", "--schedule", "cosine", "--min-lr-ratio", "0.1"])
     f = train.lr_lambda(args, 100)
     assert [f(0), f(9)] == pytest.approx([1 / 11, 10 / 11])  # warm-up: (step + 1) / (warmup + 1)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 45 / 90)))
-    sampler = StepSampler(np.arange(1, 11), batch_size=3, token_budget=100, seed=5)
-    sampler.next_units()
-    planned = sampler.planned_units(5)  # crosses an epoch (3 steps per epoch)
-    assert planned.tolist() == np.concatenate([sampler.next_units() for _ in range(5)]).tolist()
+    plan = StepPlan(np.arange(1, 11), batch_size=3, token_budget=100, seed=5)
+    plan.next_units()
+    planned = plan.planned_units(5)  # crosses an epoch (3 steps per epoch)
+    assert planned.tolist() == np.concatenate([plan.next_units() for _ in range(5)]).tolist()
     from rollouts import rollout_temperature
 
     assert [rollout_temperature(1.0, 0.6, 4, s) for s in (0, 2, 4, 9)] == pytest.approx([1.0, 0.8, 0.6, 0.6])
@@ -352,3 +352,4 @@ def test_bad_models_and_tokenizers_are_one_line_errors(task, tmp_path, capsys):
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
     assert error("--model", str(model)).startswith(f"train.py: {model / 'config.json'}: architectures=")
+
