@@ -21,7 +21,9 @@ from pathlib import Path
 from errors import DEBUG_HELP, ArgumentParser, UserError, check_ranges
 from losses import OBJECTIVES
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+ROOT = Path(__file__).resolve().parent
+RECIPES = ROOT / "recipes"
+CHAT_TEMPLATES = ROOT / "data" / "chat_templates"
 DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo."
 
 
@@ -39,10 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template", type=Path, help="a .jinja chat template instead of the tokenizer's "
                    "(saved with the export), e.g. data/chat_templates/qwen2.5-math.jinja: Qwen2.5-Math's, "
                    "which REDI trained with")
+    g.add_argument("--paper-chat-template", choices=sorted(t.stem for t in CHAT_TEMPLATES.glob("*.jinja")),
+                   help="the chat template a recipe's paper trained with (data/chat_templates/): a warning "
+                   "when the run's renders a conversation otherwise")
     g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none: the embedded default")
     g.add_argument("--out", type=Path, help="run directory (default: runs/<objective>)")
-    g.add_argument("--rope-theta", type=float, help="override the model's rope_theta")
-    g.add_argument("--max-position-embeddings", type=int, help="override the model's max positions")
+    g.add_argument("--rope-theta", type=float, help="raise the model's rope_theta to this (never lowered: a "
+                   "larger one is kept; either way logged)")
+    g.add_argument("--max-position-embeddings", type=int, help="raise the model's max positions to this "
+                   "(never lowered; logged)")
     g.add_argument("--max-len", type=int, default=4096, help="longest example (prompt + completion), tokens")
     g.add_argument("--max-prompt-len", type=int, help="drop examples with longer prompts (REDI: 800)")
     g.add_argument("--truncation", choices=("drop", "keep_end", "keep_start"), default="drop",

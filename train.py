@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import checkpoint
 import errors
+import flags
 import rollouts
 from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import PackedBatch, StepPlan, best_fit_decreasing, collate, deal, pack_stream
@@ -68,13 +69,44 @@ log = logging.getLogger("train")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
+    """--model / --init's config (or a preset), its rope_theta and max positions raised to --rope-theta and
+    --max-position-embeddings, never lowered (ModelConfig.raised); rank 0 logs each value given."""
     source = args.model or args.init or "tiny"
     if Path(source).exists() or "/" in source:
         config = ModelConfig.from_hf(resolve_checkpoint(source))
     else:
         config = ModelConfig.preset(source)
-    changes = {k: getattr(args, k) for k in ("rope_theta", "max_position_embeddings") if getattr(args, k)}
-    return config.replace(**changes) if changes else config
+    config, notes = config.raised(rope_theta=args.rope_theta,
+                                  max_position_embeddings=args.max_position_embeddings)
+    for note in notes if not dist.is_initialized() or dist.get_rank() == 0 else ():
+        log.info("%s: %s", source, note)
+    return config
+
+
+def log_chat_template(args: argparse.Namespace, tok: Tokenizer) -> None:
+    """Which chat template the run trains with and what it replaced; a warning where it writes a test
+    conversation unlike the template the recipe's paper trained with (--paper-chat-template)."""
+    source = args.tokenizer or args.init or args.model
+    if args.chat_template:
+        same = rendered(Tokenizer.from_pretrained(source)) == rendered(tok)
+        log.info("chat template: %s replaces %s's own (which writes %s text)", args.chat_template, source,
+                 "the same" if same else "other")
+    else:
+        log.info("chat template: %s's own", source)
+    if args.paper_chat_template:
+        paper = flags.CHAT_TEMPLATES / f"{args.paper_chat_template}.jinja"
+        if rendered(Tokenizer.from_pretrained(source, paper)) != rendered(tok):
+            log.warning("chat template: the run's writes a conversation unlike %s, which the recipe's "
+                        "paper trained with: --chat-template %s trains as it did", paper.stem, paper)
+
+
+def rendered(tok: Tokenizer) -> str | None:
+    """A test conversation as the tokenizer's chat template writes it (None: no template renders it)."""
+    try:
+        return tok.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"},
+                                        {"role": "assistant", "content": "2"}], tokenize=False)
+    except errors.USER_ERRORS:
+        return None
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int):
@@ -334,6 +366,8 @@ def setup(args: argparse.Namespace) -> Run:
     config = model_config(args)
     if tok.vocab_size > config.vocab_size:
         raise errors.UserError(f"--tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
+    if d.main:
+        log_chat_template(args, tok)
     objective = OBJECTIVES[args.objective]
     data = load_data(args, tok, args.cache_dir or out.parent / ".cache")  # a bad row: names file and line
     identity = checkpoint.run_identity(args, config, data)

@@ -353,3 +353,68 @@ def test_bad_models_and_tokenizers_are_one_line_errors(task, tmp_path, capsys):
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
     assert error("--model", str(model)).startswith(f"train.py: {model / 'config.json'}: architectures=")
 
+
+# ---- model settings a run changes: logged with the value each replaces; never lowered ---------------------
+
+
+def test_rope_theta_and_positions_are_raised_never_lowered_and_logged(tmp_path, caplog):
+    """A recipe's rope_theta 300000 under an init trained at 1e6 (Qwen3's) keeps 1e6 and says so."""
+    import train
+    from model import ModelConfig, Transformer
+
+    init = tmp_path / "init"
+    Transformer(ModelConfig.preset("tiny").replace(rope_theta=1e6)).save_pretrained(init)
+    args = train.parse_args(["--recipe", "redi-sft", "--init", str(init)])
+    with caplog.at_level(logging.INFO, logger="train"):
+        config = train.model_config(args)
+    assert (config.rope_theta, config.max_position_embeddings) == (1e6, 32768)
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"{init}: rope_theta: the model's 1e+06 is kept, not lowered to 300000" in lines
+    assert f"{init}: max_position_embeddings: 32768 replaces the model's 1024" in lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        config = train.model_config(train.parse_args(["--model", str(init)]))
+    assert config.rope_theta == 1e6 and not caplog.records  # nothing asked, nothing changed or logged
+
+
+def test_the_chat_template_is_logged_and_the_recipe_papers_one_checked(task, tmp_path, caplog):
+    """--recipe redi-sft with a tokenizer whose template is not Qwen2.5-Math's once trained silently."""
+    import train
+    from data.tokenizer import Tokenizer
+
+    qwen_math = ROOT / "data" / "chat_templates" / "qwen2.5-math.jinja"
+    same = tmp_path / "tokenizer"  # a tokenizer whose own template is Qwen2.5-Math's
+    shutil.copytree(task["tokenizer"], same)
+    shutil.copy(qwen_math, same / "chat_template.jinja")
+
+    def messages(tokenizer, *flags: str) -> list[tuple[int, str]]:
+        args = train.parse_args(["--recipe", "redi-sft", "--model", "tiny", "--tokenizer", str(tokenizer),
+                                 *flags])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train"):
+            train.log_chat_template(args, Tokenizer.from_pretrained(tokenizer, args.chat_template))
+        return [(r.levelno, r.getMessage()) for r in caplog.records]
+
+    other = messages(task["tokenizer"])
+    assert other[0] == (logging.INFO, f"chat template: {task['tokenizer']}'s own")
+    assert other[1][0] == logging.WARNING and other[1][1].startswith(
+        "chat template: the run's writes a conversation unlike qwen2.5-math, which the recipe's paper "
+        f"trained with: --chat-template {qwen_math} trains as it did")
+    assert messages(same) == [(logging.INFO, f"chat template: {same}'s own")]
+    assert messages(task["tokenizer"], "--chat-template", str(qwen_math)) == [
+        (logging.INFO, f"chat template: {qwen_math} replaces {task['tokenizer']}'s own (which writes other "
+                       "text)")]
+
+
+def test_a_run_logs_the_model_settings_it_changes(task, tmp_path, caplog):
+    import train
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(stage_args(task, "sft", out) + ["--max-steps", "1", "--no-export", "--rope-theta", "50000",
+                                                   "--paper-chat-template", "qwen2.5-math"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "tiny: rope_theta: 50000 replaces the model's 10000" in lines
+    assert f"chat template: {task['tokenizer']}'s own" in lines
+    assert any(line.startswith("chat template: the run's writes a conversation unlike qwen2.5-math")
+               for line in lines)
