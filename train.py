@@ -5,6 +5,7 @@
         --data sft.jsonl --out runs/sft
     torchrun --nproc_per_node 8 train.py --recipe redi --init runs/sft/hf --data pairs.jsonl --out runs/redi
     python train.py --recipe redi --config mine.toml --lr 2e-6   # defaults ← recipe ← TOML file ← flags
+    python train.py --recipe redi --print-config                 # the resolved settings, as a --config file
 
 Configuration (flags.py): the flags' defaults ← --recipe (recipes/<name>.toml, the papers' numbers) ←
 --config (a TOML file) ← the flags given.
@@ -566,6 +567,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.print_config:
+        print(flags.as_toml(args), end="")
+        return
     try:
         if args.model is None and args.data is None and args.init is None:
             import embedded
