@@ -10,12 +10,13 @@
 Configuration (flags.py): the flags' defaults ← --recipe (recipes/<name>.toml, the papers' numbers) ←
 --config (a TOML file) ← the flags given.
 
-Reading order: setup (processes, model, data) → the loop (`run_step`: one optimiser update per step for
-objectives trained on examples or pairs, `offline_update`; --updates-per-rollout per step for GRPO,
-`grpo_update`; every update through `optimizer_step`) → save (checkpoints while training, the HF export
-at the end). What the loop knows of an objective is its row of losses.OBJECTIVES: its data, its loss unit,
-whether it is linear in the log-probs, whether it needs reference log-probs, and the loss, which
-`forward_loss` calls.
+Reading order: setup (data, the sharded model from parallel.py, optimiser) → the loop (`run_step`: one
+optimiser update per step for objectives trained on examples or pairs, `offline_update`; --updates-per-
+rollout per step for GRPO, `grpo_update`; every update through `optimizer_step`) → save (checkpoints while
+training, the HF export at the end). What the loop knows of an objective is its row of losses.OBJECTIVES:
+its data, its loss unit, whether it is linear in the log-probs, whether it needs reference log-probs, and
+its loss, which `forward_loss` calls. From `--objective redi` to the formula: main → train → run_step →
+offline_update → forward_loss → OBJECTIVES["redi"] (losses/__init__.py) → redi_loss (losses/redi.py).
 
 Data flow: data/ → PackedBatch (flat tokens + cu_seqlens; pairs named by chosen_doc / rejected_doc) →
 model(tokens, cu_seqlens, targets=…) → log π per token, fp32, from the lm head without the T×V logits
