@@ -67,6 +67,7 @@ from data import prompts
 from data.benchmarks import BENCHMARKS, LOCAL_ENV, Problem, load_problems
 from data.recipes.openr1 import select_chosen_rejected
 from data.rewards import answer_text, extract_boxed, math_reward
+from flags import HelpFormatter
 from model.generate import generate
 
 # ---- metrics -------------------------------------------------------------------------------------------
@@ -323,7 +324,8 @@ def _benchmark_entry(results: list[ProblemResult], prompt_suffix: str) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = errors.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p = errors.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                              formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--benchmark", nargs="+", required=True,
@@ -345,7 +347,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     p.add_argument("--out", required=True, help="JSON with metrics and every completion (resumed if present)")
     p.add_argument("--pairs-out", help="also write (chosen, rejected) preference pairs here (JSONL)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs: cuda, cuda:<i> or cpu (default: cuda when a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
