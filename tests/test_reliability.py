@@ -8,6 +8,7 @@ and stopped; an error leaves the message as the terminal's last line; a finished
 without --overwrite. Each run is a few steps of the tiny model on a small synthetic task."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -67,6 +68,39 @@ def copy_of(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run, out)
     return out
+
+
+def test_a_torn_last_metrics_row_is_dropped_and_a_damaged_earlier_row_is_named(task, checkpointed, tmp_path,
+                                                                               capsys, caplog):
+    """Once: `Expecting ',' delimiter: line 1 column 59`, naming no file, and the resume refused."""
+    out = copy_of(checkpointed, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a kill mid-write
+    resume = args_for(task, "sft", out) + ["--max-steps", "3", "--save-every", "2", "--no-export", "--resume"]
+    with caplog.at_level(logging.WARNING):
+        train_main(resume)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    assert any(f"{out / 'metrics.jsonl'}:3: dropped a last line cut short" in r.getMessage()
+               for r in caplog.records)
+
+    out = copy_of(checkpointed, tmp_path / "again")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(['{"step": 1, "lo', *lines[1:]]) + "\n")
+    line = refusal(args_for(task, "sft", out) + ["--max-steps", "3", "--no-export", "--resume"], capsys)
+    assert line.startswith(f"train.py: {out / 'metrics.jsonl'}:1: not a metrics row"), line
+
+
+def test_read_rows_drops_only_a_damaged_last_line(tmp_path, caplog):
+    from metrics import read_rows
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    with caplog.at_level(logging.WARNING):
+        assert read_rows(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert f"{log}:4: dropped a last line cut short" in caplog.text
+    log.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{log}:2: not a metrics row")):
+        read_rows(log)
 
 
 def test_an_init_with_non_finite_weights_is_refused_naming_the_tensor(task, tmp_path, capsys):
