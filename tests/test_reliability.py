@@ -103,6 +103,27 @@ def test_read_rows_drops_only_a_damaged_last_line(tmp_path, caplog):
         read_rows(log)
 
 
+def test_a_damaged_eval_report_is_named_before_anything_is_sampled(tmp_path, capsys):
+    """Once accepted: rewards that are not numbers then failed at the metrics, with a traceback."""
+    import eval as evaluation
+
+    report = tmp_path / "results.json"
+    problem = {"id": "q0", "problem": "1 + 1?", "answer": "2", "completions": ["\\boxed{2}", "\\boxed{3}"],
+               "rewards": [1.0, 0.0]}
+
+    def error(**damage) -> str:
+        entry = {"prompt_suffix": "", "problems": [problem, {**problem, "id": "q1", **damage}]}
+        report.write_text(json.dumps({"config": {}, "benchmarks": {"b": entry}, "overall": {}}))
+        return cli_error(evaluation.main, "eval.py", ["--model", str(tmp_path / "none"), "--benchmark",
+                                                      "b.jsonl", "--out", str(report)], capsys)
+
+    start = f"eval.py: {report}: not an eval.py output to resume (ValueError: benchmark 'b', problem 1 ('q1')"
+    assert error(rewards=["1", 0.0]).startswith(start + ": expected one reward in [0, 1] per completion")
+    assert error(rewards=[1.0]).startswith(start + ": expected one reward in [0, 1] per completion")
+    assert error(completions=["a"], rewards=[0.0]).startswith(start + ": 1 completions, the first")
+    assert error(completions="ab").startswith(start + ": expected a string id and a list of completion")
+
+
 def test_an_init_with_non_finite_weights_is_refused_naming_the_tensor(task, tmp_path, capsys):
     """Once accepted: the NaN guard then stopped step 1 saying the last good checkpoint was None."""
     from safetensors.torch import load_file, save_file
