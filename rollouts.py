@@ -12,13 +12,17 @@ The sampler's per-token log-probs ride along as log π_old (train.py's off-polic
 
 Dynamic sampling (DAPO; Phi-4-mini-reasoning's rebalancing): groups whose rewards are all equal carry no
 advantage; they are dropped and more prompts are drawn until `groups_wanted` remain over all ranks or the
-rounds run out. Prompt filtering (Phi-4-mini-reasoning): each prompt's pass rate over `samples` completions
-of the initial model; prompts outside [min_pass, max_pass] are not trained on.
+rounds run out.
+
+Prompt filtering (Phi-4-mini-reasoning): each prompt's pass rate over `samples` completions
+of the initial model; prompts outside [min_pass, max_pass] are not trained on. The rates are cached in the
+run's directory (a resumed run reuses them; a damaged cache, or one of another data set, is recomputed).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
+from checkpoint import read_tensor
 from data.prompts import completion_text, stop_ids
 from data.rewards import math_reward
 from errors import UserError
@@ -190,9 +195,14 @@ def filter_prompts(copy: Transformer, tok, problems, sampling: Sampling, *, samp
     """Indices of the problems whose pass rate over `samples` completions of the initial model lies in
     [min_pass, max_pass] (cached at `path`: a resumed run reuses the rates)."""
     device = next(copy.parameters()).device
-    if path.exists():
-        rates = torch.load(path, weights_only=True)
-    else:
+    rates = None
+    if path.exists():  # a cache: a damaged one (or another data set's) is recomputed
+        try:
+            rates = read_tensor(path, (len(problems),), "recomputed")
+        except UserError as e:
+            if rank == 0:
+                log.warning("%s", e)
+    if rates is None:
         rates = torch.zeros(len(problems), dtype=torch.float64, device=device)
         mine = list(range(rank, len(problems), world))
         generator = torch.Generator(device=device).manual_seed(seed + 1000 + rank)
@@ -205,7 +215,8 @@ def filter_prompts(copy: Transformer, tok, problems, sampling: Sampling, *, samp
         dist.all_reduce(rates)
         rates = rates.cpu()
         if rank == 0:
-            torch.save(rates, path)
+            torch.save(rates, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
     keep = ((rates >= min_pass) & (rates <= max_pass)).nonzero().flatten().tolist()
     if rank == 0:
         log.info("prompt filtering: kept %d of %d prompts (pass rate in [%g, %g]; mean %.3f)", len(keep),

@@ -241,7 +241,9 @@ def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path
     model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed run computes
     only what the cache lacks, a fresh one all of it): no second model in memory while training."""
     fresh = torch.full((len(dataset), 2), math.nan)  # a fresh run's reference is its model, not an old cache
-    out = torch.load(path, weights_only=True) if path.exists() and not initial else fresh
+    out = checkpoint.read_tensor(path, tuple(fresh.shape), "the model is no longer the reference, so it "
+                                 "cannot be recomputed: restore it, or start over") \
+        if path.exists() and not initial else fresh
     missing = np.unique(units)
     missing = missing[torch.isnan(out[missing, 0]).numpy()]
     if len(missing) and not initial:
@@ -395,7 +397,8 @@ def setup(args: argparse.Namespace) -> Run:
     out = args.out or Path("runs") / args.objective
     if args.data is None:
         raise errors.UserError("--data is needed with --model or --init (the embedded default needs neither)")
-    ckpt = checkpoint.to_resume(out, resume=args.resume, or_start=args.resume_or_start)
+    ckpt = checkpoint.claim(out, resume=args.resume, or_start=args.resume_or_start, overwrite=args.overwrite,
+                            rank=d.rank)  # one run per --out: a second is refused naming the holder
     torch.manual_seed(args.seed)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model, args.chat_template)
     config = model_config(args)
@@ -464,7 +467,8 @@ def optimizer_step(run: Run, sums: dict) -> dict:
     row = dict(zip(keys, values[:-1], strict=True)) | {"grad_norm": values[-1] / d.world}
     if not all(math.isfinite(v) for v in row.values()):
         raise FloatingPointError(f"non-finite loss or gradient at step {run.step + 1}: {row}. Nothing was "
-                                 f"applied; the last good checkpoint is {checkpoint.newest(run.out)}. Lower "
+                                 "applied; the last good checkpoint is "
+                                 f"{checkpoint.newest(run.out) or 'none yet (--save-every)'}. Lower "
                                  "--lr or check the data.")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -557,15 +561,16 @@ def train(args: argparse.Namespace) -> Path:
     except StopRequested:
         if last_saved != run.step:
             save(run)
-        bar.close()
         raise SystemExit(f"stopped by signal {stop['signal']} at step {run.step}; --resume continues from "
                          f"{checkpoint.newest(out)}") from None
-    bar.close()
+    finally:  # whatever ends the loop: the bar is closed before any message, which is then the last line
+        bar.close()
     if args.save_every and last_saved != run.step:
         save(run)
     metrics.plot()
     if not args.no_export:
         checkpoint.export_hf(run.model, run.config, run.tok, out / "hf", rank=d.rank)
+    checkpoint.unlock(out)
     return out / "hf"
 
 
@@ -581,6 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(args)
     finally:
+        checkpoint.unlock_all()
         if dist.is_initialized():
             dist.destroy_process_group()
 

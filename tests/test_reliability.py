@@ -12,9 +12,14 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
+import torch
 from conftest import ROOT, cli_error
 
 from data.synthetic import build_task
@@ -70,6 +75,100 @@ def copy_of(run, tmp_path):
     return out
 
 
+def wait_for(condition, what: str, proc=None, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"ended before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder_and_a_killed_runs_lock_is_taken(
+        task, tmp_path):
+    """Once both trained, the second died at its first checkpoint after writing a duplicate metrics row."""
+    out = tmp_path / "run"
+    argv = args_for(task, "sft", out) + ["--max-steps", "2000", "--save-every", "1", "--no-export"]
+    first = subprocess.Popen(launch(argv), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (out / "ckpt" / "step_00000001").is_dir(), "the first checkpoint", first)
+        second = subprocess.run(launch(argv), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        holder = f"pid {first.pid} on host {socket.gethostname()}, started "
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"train.py: --out {out} is in use by another run ({holder}"), second.stderr[-3000:]
+    finally:
+        first.kill()  # SIGKILL: no clean-up, its lock file stays behind
+        first.wait()
+    assert json.loads((out / "train.lock").read_text())["pid"] == first.pid
+    step = int(sorted((out / "ckpt").glob("step_*"))[-1].name.removeprefix("step_"))
+    resumed = subprocess.run(launch(argv[:-5] + ["--max-steps", str(step + 1), "--save-every", "1",
+                                                 "--no-export", "--resume"]),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in rows(out)] == list(range(1, step + 2))  # no duplicate rows
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import checkpoint
+checkpoint.lock(Path({out!r}))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_every_rank_of_a_torchrun_job_stops_when_out_is_locked(task, tmp_path):
+    """Only rank 0 takes the lock; the other rank must not go on to train (nor hang) either."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), out=str(out))], env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(launch(args_for(task, "sft", out) + ["--max-steps", "2"], nproc=2), cwd=ROOT,
+                              env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    refusals = re.findall(r"train\.py: --out .* is in use by another run \(pid (\d+)", proc.stderr)
+    assert refusals == [str(holder.pid)] * 2, proc.stderr[-3000:]  # rank 0 and rank 1 alike
+    assert not (out / "metrics.jsonl").exists() and not (out / "ckpt").exists()
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import checkpoint
+from errors import UserError
+Path({ready!r}).touch()
+while not Path({go!r}).exists():
+    time.sleep(0.001)
+try:
+    checkpoint.lock(Path({out!r}))
+    print("won", flush=True)
+    time.sleep(3)
+except UserError:
+    print("lost", flush=True)
+"""
+
+
+def test_of_several_processes_racing_for_the_lock_exactly_one_wins(tmp_path):
+    out, go = tmp_path / "run", tmp_path / "go"
+    scripts = [RACER.format(root=str(ROOT), ready=str(tmp_path / f"r{i}"), go=str(go), out=str(out))
+               for i in range(4)]
+    racers = [subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, text=True)
+              for script in scripts]
+    wait_for(lambda: all((tmp_path / f"r{i}").exists() for i in range(4)), "the racers")
+    go.touch()
+    results = sorted(p.communicate(timeout=300)[0].strip() for p in racers)
+    assert results == ["lost", "lost", "lost", "won"]
+
+
 def test_a_torn_last_metrics_row_is_dropped_and_a_damaged_earlier_row_is_named(task, checkpointed, tmp_path,
                                                                                capsys, caplog):
     """Once: `Expecting ',' delimiter: line 1 column 59`, naming no file, and the resume refused."""
@@ -101,6 +200,87 @@ def test_read_rows_drops_only_a_damaged_last_line(tmp_path, caplog):
     log.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
     with pytest.raises(ValueError, match=re.escape(f"{log}:2: not a metrics row")):
         read_rows(log)
+
+
+def test_a_damaged_reference_cache_is_named_when_it_cannot_be_recomputed(task, tmp_path, capsys):
+    """Once: a `PytorchStreamReader failed` traceback on --resume after ref_logps.pt was cut short."""
+    out = tmp_path / "dpo"
+    argv = args_for(task, "dpo", out) + ["--max-steps", "2", "--save-every", "1", "--no-export"]
+    train_main(argv)
+    cache = out / "ref_logps.pt"
+    cache.write_bytes(cache.read_bytes()[:100])
+    line = refusal([*argv[:-5], "--max-steps", "3", "--save-every", "1", "--no-export", "--resume"], capsys)
+    assert line.startswith(f"train.py: {cache}: not a readable tensor file (the model is no longer the "
+                           "reference, so it cannot be recomputed"), line
+    torch.save(torch.zeros(3), cache)  # readable, but not this data's
+    line = refusal([*argv[:-5], "--max-steps", "3", "--save-every", "1", "--no-export", "--resume"], capsys)
+    assert line.startswith(f"train.py: {cache}: holds a torch.float32 tensor of shape [3], expected a float "
+                           "tensor of shape ["), line
+    shutil.rmtree(out / "ckpt")  # an attempt killed in its reference pre-pass: a fresh start recomputes it
+    (out / "metrics.jsonl").unlink()
+    cache.write_bytes(b"garbage")
+    train_main([*argv[:-5], "--max-steps", "1", "--no-export"])
+    assert torch.load(cache, weights_only=True).shape[1] == 2
+
+
+def test_damaged_run_records_and_rank_state_are_named(task, checkpointed, tmp_path, capsys):
+    out = copy_of(checkpointed, tmp_path)
+    ckpt = out / "ckpt" / "step_00000002"
+    resume = args_for(task, "sft", out) + ["--max-steps", "3", "--no-export", "--resume"]
+    record = json.loads((ckpt / "run.json").read_text())
+    (ckpt / "run.json").write_text(json.dumps({**record, "model_config": []}))  # valid JSON, wrong shape
+    assert refusal(resume, capsys).startswith(f"train.py: {ckpt / 'run.json'}: field 'model_config' is []")
+    (ckpt / "run.json").write_text(json.dumps(record)[:50])  # cut short
+    assert refusal(resume, capsys).startswith(f"train.py: {ckpt / 'run.json'}: not valid JSON")
+    (ckpt / "run.json").write_text(json.dumps(record))
+    torch.save({"step": 2}, ckpt / "rank0.pt")
+    assert refusal(resume, capsys) == (f"train.py: {ckpt / 'rank0.pt'}: not a checkpoint's rank state (lacks "
+                                       "scheduler, sampler, generator, rng, cuda_rng)")
+    (ckpt / "rank0.pt").write_bytes(b"\x80\x02garbage")
+    assert refusal(resume, capsys).startswith(f"train.py: {ckpt / 'rank0.pt'}: not a readable checkpoint")
+
+
+def test_a_damaged_pass_rate_cache_is_recomputed(task, tmp_path, caplog):
+    """Once: torch.load's traceback. The rates come from the initial model, so they can always be redone."""
+    import torch.distributed as dist
+
+    import rollouts
+    from data.datasets import load_rl
+    from data.tokenizer import Tokenizer
+    from model import ModelConfig, Transformer
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tok = Tokenizer.from_pretrained(task["tokenizer"])
+        problems = load_rl(task["rl"], tok)[:6]
+        model = Transformer(ModelConfig.preset("tiny"))
+        model.init_weights(torch.Generator().manual_seed(0))
+        sampling = rollouts.Sampling(group_size=2, max_new_tokens=4)
+        path = tmp_path / "prompt_pass_rates.pt"
+
+        def kept() -> list[int]:
+            return rollouts.filter_prompts(model, tok, problems, sampling, samples=2, min_pass=0.0,
+                                           max_pass=1.0, temperature=1.0, seed=0, rank=0, world=1, path=path)
+
+        assert kept() == list(range(6))
+        fresh = torch.load(path, weights_only=True)
+        for damage in (fresh.numpy().tobytes()[:7], b""):
+            path.write_bytes(damage)
+            with caplog.at_level(logging.WARNING):
+                assert kept() == list(range(6))
+            assert f"{path}: not a readable tensor file (recomputed)" in caplog.text
+            assert torch.equal(torch.load(path, weights_only=True), fresh)
+            caplog.clear()
+        torch.save(torch.zeros(9, dtype=torch.float64), path)  # another data set's
+        with caplog.at_level(logging.WARNING):
+            kept()
+        assert "expected a float tensor of shape [6] (recomputed)" in caplog.text
+        assert torch.equal(torch.load(path, weights_only=True), fresh)
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 def test_a_damaged_eval_report_is_named_before_anything_is_sampled(tmp_path, capsys):
@@ -159,3 +339,56 @@ def test_an_unknown_or_contradicting_model_type_is_refused_naming_the_field():
     with pytest.raises(ValueError, match=re.escape("model_type='qwen3' does not match architectures="
                                                    "['Qwen2ForCausalLM'] (model_type 'qwen2')")):
         ModelConfig.from_hf({**hf, "model_type": "qwen3"})
+
+
+def test_an_error_during_training_is_the_last_line_with_the_bar_closed(task, tmp_path):
+    """Once the progress bar was redrawn after the one-line message, which was then not the last line."""
+    argv = args_for(task, "sft", tmp_path / "run") + ["--max-steps", "6", "--lr", "1e30"]
+    proc = subprocess.run(launch(argv), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line.strip() for line in re.split(r"[\r\n]", proc.stderr) if line.strip()]
+    assert lines[-1].startswith("train.py: non-finite loss or gradient at step"), lines[-3:]
+    assert sum(line.startswith("train.py: ") for line in lines) == 1
+
+
+def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_replaces_it(task, tmp_path, capsys):
+    """Once a second command with the same --out silently replaced the first run's hf/, args.json and
+    metrics."""
+    out = tmp_path / "run"
+    argv = args_for(task, "sft", out) + ["--max-steps", "2"]
+    train_main(argv)
+    before = (out / "hf" / "model.safetensors").read_bytes()
+    for extra in ([], ["--resume-or-start"]):  # no checkpoint to continue: a fresh start
+        line = refusal(argv + extra, capsys)
+        assert line.startswith(f"train.py: --out {out} holds the results of an earlier run (hf/"), line
+        assert line.endswith("choose another --out, or replace them with --overwrite"), line
+    assert (out / "hf" / "model.safetensors").read_bytes() == before
+    train_main(argv[:-1] + ["1", "--overwrite"])
+    assert [r["step"] for r in rows(out)] == [1]
+    assert (out / "hf" / "model.safetensors").read_bytes() != before
+    shutil.rmtree(out / "hf")  # an attempt that logged but never finished: a restarted job starts over
+    train_main(argv + ["--resume-or-start", "--no-export"])
+    assert [r["step"] for r in rows(out)] == [1, 2]
+    assert refusal(argv, capsys) == (f"train.py: --out {out} holds the results of an earlier run "
+                                     "(metrics.jsonl): choose another --out, or replace them with "
+                                     "--overwrite (--resume-or-start restarts a run that never finished)")
+
+
+def test_a_fresh_run_into_checkpoints_with_overwrite_starts_over(task, checkpointed, tmp_path):
+    out = copy_of(checkpointed, tmp_path)
+    train_main(args_for(task, "sft", out) + ["--max-steps", "1", "--no-export", "--overwrite"])
+    assert not (out / "ckpt").exists() and [r["step"] for r in rows(out)] == [1]
+
+
+def test_a_stopped_run_still_saves_and_names_its_checkpoint(task, tmp_path):
+    """SIGTERM mid-run: the message (closing bar included) is the last line, and --resume continues."""
+    out = tmp_path / "run"
+    argv = args_for(task, "sft", out) + ["--max-steps", "2000", "--no-export"]
+    proc = subprocess.Popen(launch(argv), cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0,
+             "a logged step", proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    lines = [line.strip() for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert lines[-1].startswith("stopped by signal 15 at step "), lines[-3:]
+    assert (out / "ckpt").is_dir()
