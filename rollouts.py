@@ -12,7 +12,8 @@ The sampler's per-token log-probs ride along as log π_old (train.py's off-polic
 
 Dynamic sampling (DAPO; Phi-4-mini-reasoning's rebalancing): groups whose rewards are all equal carry no
 advantage; they are dropped and more prompts are drawn until `groups_wanted` remain over all ranks or the
-rounds run out.
+rounds run out. Each step logs the fractions of its sampled groups that were all right, all wrong, and that
+had a reward spread (the groups that teach; learning_signal.py watches for steps with none).
 
 Prompt filtering (Phi-4-mini-reasoning): each prompt's pass rate over `samples` completions
 of the initial model; prompts outside [min_pass, max_pass] are not trained on. The rates are cached in the
@@ -178,14 +179,18 @@ def collect(copy: Transformer, tok, problems, sampler, sampling: Sampling, tempe
             break
     seen, kept = Rollouts.cat(seen), Rollouts.cat(kept)
     lengths = torch.tensor([len(c) for c in seen.completions], dtype=torch.float64)
+    correct_of, reward_of = (x.view(-1, sampling.group_size) for x in (seen.correct, seen.rewards))
     totals = torch.tensor([seen.correct.sum(), seen.rewards.sum(), lengths.sum(), seen.truncated.sum(),
-                           len(seen.completions), len(kept.completions)], dtype=torch.float64, device=device)
+                           len(seen.completions), len(kept.completions), correct_of.all(1).sum(),
+                           (correct_of == 0).all(1).sum(), (reward_of.std(1) > 0).sum()],
+                          dtype=torch.float64, device=device)
     dist.all_reduce(totals)
-    correct, reward, length, truncated, rows, kept_rows = totals.tolist()
-    rows = max(rows, 1.0)
+    correct, reward, length, truncated, rows, kept_rows, all_right, all_wrong, spread = totals.tolist()
+    rows, groups = max(rows, 1.0), max(rows / sampling.group_size, 1.0)
     stats = {"accuracy": correct / rows, "reward": reward / rows, "response_length": length / rows,
              "truncated": truncated / rows, "kept_groups_fraction": kept_rows / rows,
-             "temperature": temperature}
+             "groups_all_right": all_right / groups, "groups_all_wrong": all_wrong / groups,
+             "groups_with_spread": spread / groups, "temperature": temperature}
     return kept, stats
 
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import checkpoint
 import errors
+import learning_signal
 import rollouts
 from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
@@ -406,6 +407,10 @@ def setup(args: argparse.Namespace) -> Run:
         raise errors.UserError(f"--tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
     grpo = args.objective == "grpo"
     data = load_data(args, tok, args.cache_dir or out.parent / ".cache")  # a bad row: names file and line
+    if args.objective in PAIR_OBJECTIVES:  # data that cannot teach: warned about, or refused
+        learning_signal.check_pairs(data, args.data, main=d.main)
+    elif grpo:
+        learning_signal.check_answers(data, args.data, main=d.main)
     identity = checkpoint.run_identity(args, config, data)
     note = checkpoint.check_resume(ckpt, identity)  # before any weights: another run is refused
     if d.main:
@@ -533,7 +538,7 @@ def train(args: argparse.Namespace) -> Path:
         metrics.write({"step": 0, **evaluation(run.copy, run.tok, *evals, args, d)})
     bar = tqdm(total=run.total_steps, initial=run.step, desc=args.objective, disable=not d.main,
                dynamic_ncols=True)
-    last_saved = run.step
+    last_saved, quiet, first_step = run.step, 0, run.step
     shown = ("loss", "margin", "accuracy", "reward", "eval_pass@1", "lr", "tokens_per_s", "mfu")
     try:
         while run.step < run.total_steps:
@@ -556,6 +561,9 @@ def train(args: argparse.Namespace) -> Path:
             if args.save_every and run.step % args.save_every == 0:
                 save(run)
                 last_saved = run.step
+            if args.objective == "grpo":  # steps that keep no group: warned about, a run of them stops
+                quiet = learning_signal.check_spread(row, step=run.step, quiet=quiet,
+                                                     steps_run=run.step - first_step, main=d.main)
             if stop["signal"] is not None:
                 raise StopRequested
     except StopRequested:

@@ -75,6 +75,9 @@ def copy_of(run, tmp_path):
     return out
 
 
+# ---- 1. one run per --out --------------------------------------------------------------------------------
+
+
 def wait_for(condition, what: str, proc=None, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -169,6 +172,9 @@ def test_of_several_processes_racing_for_the_lock_exactly_one_wins(tmp_path):
     assert results == ["lost", "lost", "lost", "won"]
 
 
+# ---- 2. a torn last line of metrics.jsonl --------------------------------------------------------------
+
+
 def test_a_torn_last_metrics_row_is_dropped_and_a_damaged_earlier_row_is_named(task, checkpointed, tmp_path,
                                                                                capsys, caplog):
     """Once: `Expecting ',' delimiter: line 1 column 59`, naming no file, and the resume refused."""
@@ -200,6 +206,9 @@ def test_read_rows_drops_only_a_damaged_last_line(tmp_path, caplog):
     log.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
     with pytest.raises(ValueError, match=re.escape(f"{log}:2: not a metrics row")):
         read_rows(log)
+
+
+# ---- 3. files read back: checked, a damaged one named (or recomputed where it is a cache) -----------------
 
 
 def test_a_damaged_reference_cache_is_named_when_it_cannot_be_recomputed(task, tmp_path, capsys):
@@ -304,6 +313,9 @@ def test_a_damaged_eval_report_is_named_before_anything_is_sampled(tmp_path, cap
     assert error(completions="ab").startswith(start + ": expected a string id and a list of completion")
 
 
+# ---- 4. and 5. poisoned models --------------------------------------------------------------------------
+
+
 def test_an_init_with_non_finite_weights_is_refused_naming_the_tensor(task, tmp_path, capsys):
     """Once accepted: the NaN guard then stopped step 1 saying the last good checkpoint was None."""
     from safetensors.torch import load_file, save_file
@@ -341,6 +353,106 @@ def test_an_unknown_or_contradicting_model_type_is_refused_naming_the_field():
         ModelConfig.from_hf({**hf, "model_type": "qwen3"})
 
 
+# ---- 6. and 9. data that cannot teach --------------------------------------------------------------------
+
+
+def test_identical_pairs_are_counted_and_a_data_set_of_only_them_is_refused(task, tmp_path, capsys, caplog):
+    """Once: DPO trained to the end with a gradient norm of ~1e-6 and no word."""
+    pairs = [json.loads(line) for line in task["pairs"].read_text().splitlines()]
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({**p, "rejected": p["chosen"]}) + "\n" for p in pairs))
+    for objective in ("dpo", "simpo", "redi"):
+        argv = args_for(task, objective, tmp_path / objective, data=same) + ["--max-steps", "1"]
+        line = refusal(argv, capsys)
+        assert line == (f"train.py: --data {same}: chosen and rejected are identical in every one of its "
+                        f"{len(pairs)} pairs: there is no preference to learn (check how they were built)")
+    some = tmp_path / "some.jsonl"
+    some.write_text("".join(json.dumps({**p, "rejected": p["chosen"]} if i in (1, 4) else p) + "\n"
+                            for i, p in enumerate(pairs)))
+    with caplog.at_level(logging.WARNING):
+        train_main(args_for(task, "dpo", tmp_path / "some", data=some) + ["--max-steps", "1", "--no-export"])
+    assert (f"--data {some}: chosen and rejected are identical in 2 of {len(pairs)} pairs (records 2, 5, "
+            "counted over its files)") in caplog.text
+
+
+def test_gold_answers_the_reward_can_never_match_are_counted_and_none_matchable_is_refused(task, tmp_path,
+                                                                                            capsys, caplog):
+    """Once: GRPO ran with reward 0.0 at every step and no word."""
+    import learning_signal
+
+    assert [learning_signal.matchable(a) for a in ("7", "\\frac{1}{2}", "}{", "\\frac{")] == \
+        [True, True, False, False]
+    problems = [json.loads(line) for line in task["rl"].read_text().splitlines()]
+    hopeless = tmp_path / "hopeless.jsonl"
+    hopeless.write_text("".join(json.dumps({**p, "answer": ["}{", "\\frac{"][i % 2]}) + "\n"
+                                for i, p in enumerate(problems)))
+    grpo = ["--group-size", "2", "--max-new-tokens", "4", "--batch-size", "2", "--max-steps", "1"]
+    line = refusal(args_for(task, "grpo", tmp_path / "grpo", data=hopeless) + grpo, capsys)
+    assert line == (f"train.py: --data {hopeless}: no gold answer can ever be matched by math_reward (2 of "
+                    "2 distinct answers fail, e.g. '\\\\frac{', '}{'): every reward would be the same; check "
+                    "the 'answer' field")
+    some = tmp_path / "some.jsonl"
+    some.write_text("".join(json.dumps({**p, "answer": "}{"} if i == 0 else p) + "\n"
+                            for i, p in enumerate(problems)))
+    with caplog.at_level(logging.WARNING):
+        learning_signal.check_answers(load_rl_of(task, some), str(some))
+    assert f"--data {some}: 1 of " in caplog.text and "gold answers can never be matched" in caplog.text
+
+
+def load_rl_of(task, path):
+    from data.datasets import load_rl
+    from data.tokenizer import Tokenizer
+
+    return load_rl(path, Tokenizer.from_pretrained(task["tokenizer"]))
+
+
+def test_grpo_steps_that_keep_no_group_warn_and_a_run_of_them_stops(task, tmp_path, capsys, caplog):
+    """Once: a run whose prompts were all too hard trained nothing and said nothing (kept_groups_fraction 0,
+    grad_norm 0). The random-init tiny model solves none of the task's problems."""
+    out = tmp_path / "grpo"
+    grpo = ["--group-size", "2", "--max-new-tokens", "4", "--batch-size", "2", "--max-steps", "8",
+            "--dynamic-sampling", "--max-sampling-rounds", "1", "--no-export"]
+    with caplog.at_level(logging.WARNING):
+        line = refusal(args_for(task, "grpo", out) + grpo, capsys)
+    assert line == ("train.py: grpo: 3 steps in a row (to step 3) had no group whose rewards differ (pass "
+                    "rate 0.000: 0% of the groups all right, 100% all wrong): the prompts are too hard for "
+                    "this model (every completion wrong). Keep the prompts it sometimes solves "
+                    "(--filter-samples 8 --filter-min-pass 0.1 --filter-max-pass 0.9), sample more per "
+                    "prompt (--group-size), or use other data or an --init that solves some")
+    warned = [r.getMessage() for r in caplog.records if "has a reward spread" in r.getMessage()]
+    assert [m.split(":")[0] for m in warned] == ["step 1", "step 2", "step 3"]
+    logged = rows(out)
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert all(r["groups_all_wrong"] == 1.0 and r["groups_with_spread"] == 0.0 for r in logged)
+
+
+def test_the_no_spread_rule():
+    """The first FIRST_STEPS steps all without spread stop the run; later, STREAK in a row do."""
+    from learning_signal import FIRST_STEPS, STREAK, check_spread
+
+    def row(spread: float, right: float = 0.0, wrong: float = 0.0) -> dict:
+        return {"groups_with_spread": spread, "groups_all_right": right, "groups_all_wrong": wrong,
+                "accuracy": right}
+
+    quiet = 0
+    for step in range(1, FIRST_STEPS):
+        quiet = check_spread(row(0.0, right=1.0), step=step, quiet=quiet, steps_run=step, main=False)
+    with pytest.raises(ValueError, match="the prompts are too easy for this model"):
+        check_spread(row(0.0, right=1.0), step=FIRST_STEPS, quiet=quiet, steps_run=FIRST_STEPS, main=False)
+    quiet = check_spread(row(0.5), step=1, quiet=0, steps_run=1, main=False)  # a healthy start
+    for step in range(2, 2 + STREAK - 1):
+        quiet = check_spread(row(0.0, right=0.5, wrong=0.5), step=step, quiet=quiet, steps_run=step,
+                             main=False)
+    assert quiet == STREAK - 1
+    with pytest.raises(ValueError, match=f"{STREAK} steps in a row .* each either too easy or too hard"):
+        check_spread(row(0.0, right=0.5, wrong=0.5), step=STREAK + 1, quiet=quiet, steps_run=STREAK + 1,
+                     main=False)
+    assert check_spread(row(0.25), step=9, quiet=3, steps_run=9, main=False) == 0
+
+
+# ---- 7. an error during training leaves the terminal clean -----------------------------------------------
+
+
 def test_an_error_during_training_is_the_last_line_with_the_bar_closed(task, tmp_path):
     """Once the progress bar was redrawn after the one-line message, which was then not the last line."""
     argv = args_for(task, "sft", tmp_path / "run") + ["--max-steps", "6", "--lr", "1e30"]
@@ -349,6 +461,9 @@ def test_an_error_during_training_is_the_last_line_with_the_bar_closed(task, tmp
     lines = [line.strip() for line in re.split(r"[\r\n]", proc.stderr) if line.strip()]
     assert lines[-1].startswith("train.py: non-finite loss or gradient at step"), lines[-3:]
     assert sum(line.startswith("train.py: ") for line in lines) == 1
+
+
+# ---- 8. a run never silently replaces another's results ---------------------------------------------------
 
 
 def test_a_fresh_run_into_a_finished_run_is_refused_and_overwrite_replaces_it(task, tmp_path, capsys):
