@@ -129,6 +129,7 @@ def run_stage(args: argparse.Namespace, rank: int, code: str) -> Path:
             stamp.unlink()
             shutil.rmtree(args.out / "ckpt", ignore_errors=True)
         dist.barrier()
+        args.overwrite = True  # its export and metrics too
     hf = train(args)
     if rank == 0:
         stamp.write_text(wanted)

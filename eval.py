@@ -446,17 +446,38 @@ def _results(entry: dict) -> list[ProblemResult]:
 
 
 def _read_report(out: Path) -> dict:
-    """An --out written by an earlier run (to resume); anything else there is an error naming it."""
+    """An --out written by an earlier run (to resume), each benchmark's results checked (`_check_entry`);
+    anything else there is an error naming it and, for a damaged result, the benchmark and problem."""
     why = "no config"
     try:
         report = json.loads(out.read_text(encoding="utf-8"))
-        for entry in report["benchmarks"].values():
-            _results(entry)
+        for name, entry in report["benchmarks"].items():
+            _check_entry(name, entry)
         if isinstance(report["config"], dict):
             return report
     except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
         why = f"{type(e).__name__}: {e}"
     raise errors.UserError(f"{out}: not an eval.py output to resume ({why}): use another --out or delete it")
+
+
+def _check_entry(name: str, entry: dict) -> None:
+    """ValueError naming what is wrong with a report's benchmark entry: its prompt_suffix a string; each
+    problem a ProblemResult with a string id, completions as strings and one reward in [0, 1] per
+    completion, as many completions as the first problem has."""
+    if not isinstance(entry.get("prompt_suffix"), str):
+        raise ValueError(f"benchmark {name!r}: no prompt_suffix string")
+    results = _results(entry)
+    for i, r in enumerate(results):
+        where = f"benchmark {name!r}, problem {i} ({r.id!r})"
+        if not isinstance(r.id, str) or not isinstance(r.completions, list) or \
+                not all(isinstance(c, str) for c in r.completions):
+            raise ValueError(f"{where}: expected a string id and a list of completion strings")
+        if not isinstance(r.rewards, list) or len(r.rewards) != len(r.completions) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 1 for x in r.rewards):
+            raise ValueError(f"{where}: expected one reward in [0, 1] per completion")
+        if len(r.completions) != len(results[0].completions):
+            raise ValueError(f"{where}: {len(r.completions)} completions, the first problem has "
+                             f"{len(results[0].completions)}")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "schedule may change")
     g.add_argument("--resume-or-start", action="store_true",
                    help="--resume when --out holds a checkpoint, else start fresh (a restarted job)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="a fresh start replaces the run --out holds (checkpoints, hf/, metrics), which is "
+                   "refused without it")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
     g = p.add_argument_group("the embedded default (no --data/--model/--init: embedded.py)")

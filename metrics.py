@@ -3,6 +3,11 @@ FLOP count behind the MFU column.
 
     log = MetricsLog(out, start_step, enabled=rank == 0)
     log.write({"step": 1, "loss": 0.7, ...});  log.plot()
+    rows = read_rows(out / "metrics.jsonl")
+
+metrics.jsonl is append-only, one JSON object per line with its "step". Read back (a resumed run keeps the
+rows up to its checkpoint), a last line cut short by a kill mid-write is dropped with a logged note; a
+damaged line anywhere else is an error naming file:line.
 
 MFU = model FLOPs per second / the GPU's dense bf16 peak, with the FLOPs of a micro-batch of T tokens in
 documents of lengths l_d: Kaplan et al. 2020's 6·N per token, plus causal attention (QKᵀ and AV cost
@@ -15,12 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 
+from errors import UserError
 from model import ModelConfig
+
+log = logging.getLogger("metrics")
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
@@ -34,9 +43,8 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():  # drop what a crashed run logged after its last checkpoint (all of it: anew)
-            rows = [r for r in self.path.read_text().splitlines()
-                    if r and 0 < start_step and json.loads(r)["step"] <= start_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            rows = [r for r in read_rows(self.path) if r["step"] <= start_step] if start_step > 0 else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -63,7 +71,7 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        rows = [json.loads(r) for r in self.path.read_text().splitlines() if r]
+        rows = read_rows(self.path)
         numeric = (k for r in rows for k, v in r.items() if k != "step" and isinstance(v, int | float))
         keys = list(dict.fromkeys(numeric))  # every metric, in the order first logged
         if not keys:
@@ -81,6 +89,30 @@ class MetricsLog:
         fig.savefig(png, dpi=100)
         plt.close(fig)
         return png
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL log (blank lines skipped), each a JSON object with an integer "step". The last
+    line, if it is not one (a write cut short by a kill), is dropped with a logged note; another line that
+    is not one is a UserError naming path:line."""
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError(f"expected a JSON object with an integer 'step', got {line[:80]!r}")
+        except (ValueError, RecursionError) as e:
+            if i == last:
+                log.warning("%s:%d: dropped a last line cut short (%s), as a kill mid-write leaves it", path,
+                            i + 1, e)
+                break
+            raise UserError(f"{path}:{i + 1}: not a metrics row ({e})") from None
+        rows.append(row)
+    return rows
 
 
 def peak_flops(device: torch.device) -> float | None:

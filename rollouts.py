@@ -12,13 +12,18 @@ The sampling copy's per-token log-probs ride along as log π_old (train.py's off
 
 Dynamic sampling (DAPO; Phi-4-mini-reasoning's rebalancing): groups whose rewards are all equal carry no
 advantage; they are dropped and more prompts are drawn until `groups_wanted` remain over all ranks or the
-rounds run out. Prompt filtering (Phi-4-mini-reasoning): each prompt's pass rate over `samples` completions
-of the initial model; prompts outside [min_pass, max_pass] are not trained on.
+rounds run out. Each step logs the fractions of its sampled groups that were all right, all wrong, and that
+had a reward spread (the groups that teach; learning_signal.py watches for steps with none).
+
+Prompt filtering (Phi-4-mini-reasoning): each prompt's pass rate over `samples` completions
+of the initial model; prompts outside [min_pass, max_pass] are not trained on. The rates are cached in the
+run's directory (a resumed run reuses them; a damaged cache, or one of another data set, is recomputed).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
+from checkpoint import read_tensor
 from data.prompts import completion_text, stop_ids
 from data.rewards import math_reward
 from errors import UserError
@@ -174,14 +180,18 @@ def collect(copy: Transformer, tok, problems, plan, settings: RolloutSettings, t
             break
     seen, kept = Rollouts.cat(seen), Rollouts.cat(kept)
     lengths = torch.tensor([len(c) for c in seen.completions], dtype=torch.float64)
+    correct_of, reward_of = (x.view(-1, settings.group_size) for x in (seen.correct, seen.rewards))
     totals = torch.tensor([seen.correct.sum(), seen.rewards.sum(), lengths.sum(), seen.truncated.sum(),
-                           len(seen.completions), len(kept.completions)], dtype=torch.float64, device=device)
+                           len(seen.completions), len(kept.completions), correct_of.all(1).sum(),
+                           (correct_of == 0).all(1).sum(), (reward_of.std(1) > 0).sum()],
+                          dtype=torch.float64, device=device)
     dist.all_reduce(totals)
-    correct, reward, length, truncated, rows, kept_rows = totals.tolist()
-    rows = max(rows, 1.0)
+    correct, reward, length, truncated, rows, kept_rows, all_right, all_wrong, spread = totals.tolist()
+    rows, groups = max(rows, 1.0), max(rows / settings.group_size, 1.0)
     stats = {"accuracy": correct / rows, "reward": reward / rows, "response_length": length / rows,
              "truncated": truncated / rows, "kept_groups_fraction": kept_rows / rows,
-             "temperature": temperature}
+             "groups_all_right": all_right / groups, "groups_all_wrong": all_wrong / groups,
+             "groups_with_spread": spread / groups, "temperature": temperature}
     return kept, stats
 
 
@@ -191,9 +201,14 @@ def filter_prompts(copy: Transformer, tok, problems, settings: RolloutSettings, 
     """Indices of the problems whose pass rate over `samples` completions of the initial model lies in
     [min_pass, max_pass] (cached at `path`: a resumed run reuses the rates)."""
     device = next(copy.parameters()).device
-    if path.exists():
-        rates = torch.load(path, weights_only=True)
-    else:
+    rates = None
+    if path.exists():  # a cache: a damaged one (or another data set's) is recomputed
+        try:
+            rates = read_tensor(path, (len(problems),), "recomputed")
+        except UserError as e:
+            if rank == 0:
+                log.warning("%s", e)
+    if rates is None:
         rates = torch.zeros(len(problems), dtype=torch.float64, device=device)
         mine = list(range(rank, len(problems), world))
         generator = torch.Generator(device=device).manual_seed(seed + 1000 + rank)
@@ -206,7 +221,8 @@ def filter_prompts(copy: Transformer, tok, problems, settings: RolloutSettings, 
         dist.all_reduce(rates)
         rates = rates.cpu()
         if rank == 0:
-            torch.save(rates, path)
+            torch.save(rates, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
     keep = ((rates >= min_pass) & (rates <= max_pass)).nonzero().flatten().tolist()
     if rank == 0:
         log.info("prompt filtering: kept %d of %d prompts (pass rate in [%g, %g]; mean %.3f)", len(keep),

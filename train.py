@@ -51,6 +51,7 @@ from tqdm import tqdm
 import checkpoint
 import errors
 import flags
+import learning_signal
 import rollouts
 from data.benchmarks import load_problems
 from data.datasets import load_pairs, load_rl, load_sft
@@ -91,25 +92,16 @@ def log_chat_template(args: argparse.Namespace, tok: Tokenizer) -> None:
     conversation unlike the template the recipe's paper trained with (--paper-chat-template)."""
     source = args.tokenizer or args.init or args.model
     if args.chat_template:
-        same = rendered(Tokenizer.from_pretrained(source)) == rendered(tok)
+        same = Tokenizer.from_pretrained(source).sample_conversation() == tok.sample_conversation()
         log.info("chat template: %s replaces %s's own (which writes %s text)", args.chat_template, source,
                  "the same" if same else "other")
     else:
         log.info("chat template: %s's own", source)
     if args.paper_chat_template:
         paper = flags.CHAT_TEMPLATES / f"{args.paper_chat_template}.jinja"
-        if rendered(Tokenizer.from_pretrained(source, paper)) != rendered(tok):
+        if Tokenizer.from_pretrained(source, paper).sample_conversation() != tok.sample_conversation():
             log.warning("chat template: the run's writes a conversation unlike %s, which the recipe's "
                         "paper trained with: --chat-template %s trains as it did", paper.stem, paper)
-
-
-def rendered(tok: Tokenizer) -> str | None:
-    """A test conversation as the tokenizer's chat template writes it (None: no template renders it)."""
-    try:
-        return tok.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"},
-                                        {"role": "assistant", "content": "2"}], tokenize=False)
-    except errors.USER_ERRORS:
-        return None
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int):
@@ -212,7 +204,9 @@ def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path
     initial model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed
     run computes only what the cache lacks, a fresh one all of it): no second model in memory in training."""
     fresh = torch.full((len(dataset), 2), math.nan)  # a fresh run's reference is its model, not an old cache
-    out = torch.load(path, weights_only=True) if path.exists() and not initial else fresh
+    out = checkpoint.read_tensor(path, tuple(fresh.shape), "the model is no longer the reference, so it "
+                                 "cannot be recomputed: restore it, or start over") \
+        if path.exists() and not initial else fresh
     missing = np.unique(units)
     missing = missing[torch.isnan(out[missing, 0]).numpy()]
     if len(missing) and not initial:
@@ -363,7 +357,8 @@ def setup(args: argparse.Namespace) -> Run:
     out = args.out or Path("runs") / args.objective
     if args.data is None:
         raise errors.UserError("--data is needed with --model or --init (the embedded default needs neither)")
-    ckpt = checkpoint.to_resume(out, resume=args.resume, or_start=args.resume_or_start)
+    ckpt = checkpoint.claim(out, resume=args.resume, or_start=args.resume_or_start, overwrite=args.overwrite,
+                            rank=d.rank)  # one run per --out: a second is refused naming the holder
     torch.manual_seed(args.seed)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.init or args.model, args.chat_template)
     config = model_config(args)
@@ -373,6 +368,10 @@ def setup(args: argparse.Namespace) -> Run:
         log_chat_template(args, tok)
     objective = OBJECTIVES[args.objective]
     data = load_data(args, tok, args.cache_dir or out.parent / ".cache")  # a bad row: names file and line
+    if objective.data == "pairs":  # data that cannot teach: warned about, or refused
+        learning_signal.check_pairs(data, args.data, main=d.main)
+    elif objective.data == "rollouts":
+        learning_signal.check_answers(data, args.data, main=d.main)
     identity = checkpoint.run_identity(args, config, data)
     note = checkpoint.check_resume(ckpt, identity)  # before any weights: another run is refused
     if d.main:
@@ -445,7 +444,8 @@ def optimizer_step(run: Run, sums: dict) -> dict:
     row = dict(zip(keys, values[:-1], strict=True)) | {"grad_norm": values[-1] / d.world}
     if not all(math.isfinite(v) for v in row.values()):
         raise FloatingPointError(f"non-finite loss or gradient at step {run.step + 1}: {row}. Nothing was "
-                                 f"applied; the last good checkpoint is {checkpoint.newest(run.out)}. Lower "
+                                 "applied; the last good checkpoint is "
+                                 f"{checkpoint.newest(run.out) or 'none yet (--save-every)'}. Lower "
                                  "--lr or check the data.")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -502,6 +502,18 @@ def work(run: Run, batches: list[PackedBatch]) -> tuple[int, float]:
     return tokens, flops
 
 
+def timed_step(run: Run, peak: float | None) -> dict:
+    """run_step's metrics, its tokens and FLOPs turned into tokens/s and MFU (of `peak` FLOP/s per rank)."""
+    t0 = time.perf_counter()
+    row = run_step(run)
+    dt = time.perf_counter() - t0
+    row["tokens_per_s"] = row.pop("tokens") / dt
+    flops = row.pop("flops")
+    if peak and flops:
+        row["mfu"] = flops / dt / (peak * run.d.world)
+    return row
+
+
 class StopRequested(Exception):
     pass
 
@@ -525,19 +537,13 @@ def train(args: argparse.Namespace) -> Path:
         metrics.write({"step": 0, **evaluation(run.copy, run.tok, *evals, args, d)})
     bar = tqdm(total=run.total_steps, initial=run.step, desc=args.objective, disable=not d.main,
                dynamic_ncols=True)
-    last_saved = run.step
+    last_saved, quiet, first_step = run.step, 0, run.step
     shown = ("loss", "margin", "accuracy", "reward", "eval_pass@1", "lr", "tokens_per_s", "mfu")
     try:
         while run.step < run.total_steps:
             if os.environ.get("NANOREASON_KILL_AT_STEP") == str(run.step + 1):  # tests: a crash mid-run
                 os.kill(os.getpid(), signal.SIGKILL)
-            t0 = time.perf_counter()
-            row = run_step(run)
-            dt = time.perf_counter() - t0
-            row["tokens_per_s"] = row.pop("tokens") / dt
-            flops = row.pop("flops")
-            if peak and flops:
-                row["mfu"] = flops / dt / (peak * d.world)
+            row = timed_step(run, peak)
             if args.eval_every and (run.step % args.eval_every == 0 or run.step == run.total_steps):
                 rollouts.sync_copy(run.model, run.copy)
                 row |= evaluation(run.copy, run.tok, *evals, args, d)
@@ -548,20 +554,24 @@ def train(args: argparse.Namespace) -> Path:
             if args.save_every and run.step % args.save_every == 0:
                 save(run)
                 last_saved = run.step
+            if OBJECTIVES[args.objective].data == "rollouts":  # steps with no group kept: a run of them stops
+                quiet = learning_signal.check_spread(row, step=run.step, quiet=quiet,
+                                                     steps_run=run.step - first_step, main=d.main)
             if stop["signal"] is not None:
                 raise StopRequested
     except StopRequested:
         if last_saved != run.step:
             save(run)
-        bar.close()
         raise SystemExit(f"stopped by signal {stop['signal']} at step {run.step}; --resume continues from "
                          f"{checkpoint.newest(out)}") from None
-    bar.close()
+    finally:  # whatever ends the loop: the bar is closed before any message, which is then the last line
+        bar.close()
     if args.save_every and last_saved != run.step:
         save(run)
     metrics.plot()
     if not args.no_export:
         checkpoint.export_hf(run.model, run.config, run.tok, out / "hf", rank=d.rank)
+    checkpoint.unlock(out)
     return out / "hf"
 
 
@@ -580,6 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             train(args)
     finally:
+        checkpoint.unlock_all()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -183,6 +183,15 @@ class Tokenizer:
                                add_generation_prompt=add_generation_prompt,
                                **{**self.special_tokens, **template_kwargs})
 
+    def sample_conversation(self) -> str | None:
+        """A short user/assistant exchange as the chat template writes it, None where the template refuses
+        it: two templates that write it alike are taken to train alike."""
+        try:
+            return self.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"},
+                                             {"role": "assistant", "content": "2"}], tokenize=False)
+        except (ValueError, jinja2.TemplateError):
+            return None
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             tokenize: bool = True, tools=None, documents=None, **template_kwargs):
         """str when tokenize=False, list[int] when True: the same as transformers' apply_chat_template."""

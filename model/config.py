@@ -221,8 +221,14 @@ def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         if arch not in ARCHITECTURES.values():
             raise ValueError(f"{where}: architectures={architectures} is not supported "
                              f"(supported: {sorted(ARCHITECTURES.values())})")
+    if model_type is not None and model_type not in ARCHITECTURES:  # transformers picks the class by it
+        raise ValueError(f"{where}: model_type={model_type!r} is not one of {list(ARCHITECTURES)}")
     if architectures:
-        model_type = next(mt for mt, arch in ARCHITECTURES.items() if arch == architectures[0])
+        of_architecture = next(mt for mt, arch in ARCHITECTURES.items() if arch == architectures[0])
+        if model_type is not None and model_type != of_architecture:
+            raise ValueError(f"{where}: model_type={model_type!r} does not match architectures="
+                             f"{architectures} (model_type {of_architecture!r})")
+        model_type = of_architecture
     if model_type not in ARCHITECTURES:
         raise ValueError(f"{where}: model_type={model_type!r} is not one of {list(ARCHITECTURES)}")
 

@@ -16,7 +16,8 @@ Loading streams: the parameters are allocated first (on any device, in any dtype
 tensor is read on its own with `safe_open(...).get_slice` and copied into its rows, so peak memory is the
 model plus one tensor. FSDP2-sharded parameters (DTensors sharded on dim 0) are filled the same way: each
 rank reads only the rows of each tensor that its shard holds (no collectives). Everything wrong with a
-checkpoint (missing, unexpected, mis-shaped tensors) is reported in one error before anything is copied.
+checkpoint (missing, unexpected, mis-shaped tensors) is reported in one error before anything is copied; a
+tensor holding NaN or inf is refused, naming it, as it is read (each process checks the rows it reads).
 A tied model ignores a checkpoint's lm_head.weight and does not write one.
 """
 
@@ -195,6 +196,10 @@ def load_hf_weights(
                 start, end = max(lo, piece.start), min(hi, piece.start + piece.rows)
                 if start < end:
                     rows = f.get_slice(key)[start - piece.start : end - piece.start]
+                    if rows.is_floating_point() and not torch.isfinite(rows).all():
+                        bad = int((~torch.isfinite(rows)).sum())
+                        raise ValueError(f"{file}: tensor {key} holds {bad} non-finite values (NaN or inf): "
+                                         "a damaged or diverged checkpoint; start from another")
                     local[start - lo : end - lo].copy_(rows)
     return missing, unexpected
 
