@@ -17,7 +17,7 @@
 #     train_step  bench.train_step, Qwen2.5-1.5B shape, 4 × 4096, bf16, against transformers + Liger
 #     summary     bench/gpu_summary.py: one table, each target marked met / missed / not measured
 # Every benchmark checks each implementation's output against the reference before timing it. Limits in
-# seconds (about 7 minutes in all on an H100): wheels 15, tests 90, kernels 100, generate 150,
+# seconds (7 minutes in all on an H100): wheels 15, tests 110, kernels 90, generate 140,
 # train_step 60, summary 5. DIR holds: log.txt (everything, as it runs), parts.tsv (part, exit status,
 # seconds, limit), tests.txt, kernels.json, generate.json, train_step.json, summary.md.
 set -uo pipefail
@@ -75,10 +75,10 @@ fi
 numpy.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" \
   >>"$out/log.txt" 2>&1
 
-part tests 90 env -u TRITON_INTERPRET "$py" -m pytest -q -s -p no:cacheprovider -rs "${cuda_tests[@]}"
+part tests 110 env -u TRITON_INTERPRET "$py" -m pytest -q -s -p no:cacheprovider -rs "${cuda_tests[@]}"
 awk '/^::: tests \(/ {on = 1} /^::: tests: exit/ {print; on = 0} on' "$out/log.txt" >"$out/tests.txt"
-part kernels 100 "$py" "${kernels[@]}" --out "$out/kernels.json"
-part generate 150 "$py" "${generate[@]}" --out "$out/generate.json"
+part kernels 90 "$py" "${kernels[@]}" --out "$out/kernels.json"
+part generate 140 "$py" "${generate[@]}" --out "$out/generate.json"
 part train_step 60 "$py" "${train_step[@]}" --out "$out/train_step.json"
 part summary 5 "$py" bench/gpu_summary.py "$out"
 cat "$out/summary.md" 2>/dev/null
