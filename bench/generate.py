@@ -33,7 +33,7 @@ Roofline at batch 1: a decode step reads every weight once (the tied embedding o
 with the copy bandwidth (read + write bytes of a large device copy) measured in this run by
 bench/kernels.measure_ceilings. The KV cache a step also reads is left out: at most (prompt + new) positions
 · layers · 2 · kv_heads · head_dim · 2 B = 15 MB for this shape, 0.5% of the 3.1 GB of bf16 weights.
-Issue 6's targets on an H100: >= 60% of that roofline at batch 1 and >= 15,000 tok/s at batch 64.
+The targets on an H100: >= 60% of that roofline at batch 1 and >= 15,000 tok/s at batch 64.
 """
 
 from __future__ import annotations

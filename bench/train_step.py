@@ -44,7 +44,7 @@ forward 2·P·n, backward twice that; causal attention QKᵀ and PV forward 2·n
 the backward), recomputation by checkpointing not counted; peak memory = torch.cuda.max_memory_allocated from
 building the model to the last step (reset between implementations); the mean loss of the timed steps
 (random init: near ln(vocab) for both); a CUDA out-of-memory error is caught and reported as "OOM".
-Issue 7's targets on an H100: fixed ≥ 1.15 × hf+liger tokens/s at no more peak memory; packed ≥ 1.5 ×.
+The targets on an H100: fixed ≥ 1.15 × hf+liger tokens/s at no more peak memory; packed ≥ 1.5 ×.
 """
 
 from __future__ import annotations

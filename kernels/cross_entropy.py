@@ -1,7 +1,10 @@
 """Triton row kernels for softmax statistics and their gradient, and cross-entropy over given logits.
 
 Two kernels, one program per row of a [rows, cols] block of logits x (bf16/fp16/fp32, columns contiguous),
-z = x · logit_scale (logit_scale = 1/temperature), p = softmax(z) over the row:
+z = x · logit_scale (logit_scale = 1/temperature), p = softmax(z) over the row. Each loops over the row in
+N_BLOCKS = ⌈cols / BLOCK_V⌉ steps, a compile-time constant (one specialisation per distinct count: the
+vocabulary, and a column chunk and its remainder): a loop bounded by a run-time value is a one-element
+array in triton 3.6's interpreter, which numpy >= 2.4 refuses to turn into the int `range()` needs.
 
 `row_logsumexp_kernel` (one read of the row; ignored rows read nothing):
     lse   = log Σ_j exp(z_j)                                   (online: per-lane running max m, Σ e^(z−m))
@@ -50,28 +53,29 @@ def row_logsumexp_kernel(
     out_sign,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     valid = target != IGNORED
-    n_live = tl.where(valid, n_cols, 0)  # an ignored row's loop is empty: its logits are never read
     row_ptr = logits_ptr + row * logits_row_stride
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], NEG_BIG, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     tau = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, n_live, BLOCK_V):
-        cols = start + lanes
-        mask = cols < n_live
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
-        z = tl.where(mask, z, NEG_BIG)
-        m_new = tl.maximum(m, z)
-        rescale = tl.exp(m - m_new)
-        e = tl.where(mask, tl.exp(z - m_new), 0.0)
-        if WITH_ENTROPY:
-            tau = rescale * (tau + (m - m_new) * s) + tl.where(e > 0, e * (z - m_new), 0.0)
-        s = s * rescale + e
-        m = m_new
+    if valid:  # an ignored row skips the loop: its logits are never read
+        for block in range(0, N_BLOCKS):
+            cols = block * BLOCK_V + lanes
+            mask = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * logit_scale
+            z = tl.where(mask, z, NEG_BIG)
+            m_new = tl.maximum(m, z)
+            rescale = tl.exp(m - m_new)
+            e = tl.where(mask, tl.exp(z - m_new), 0.0)
+            if WITH_ENTROPY:
+                tau = rescale * (tau + (m - m_new) * s) + tl.where(e > 0, e * (z - m_new), 0.0)
+            s = s * rescale + e
+            m = m_new
     m_row = tl.max(m, 0)
     lane_weight = tl.exp(m - m_row)
     s_row = tl.sum(s * lane_weight, 0)
@@ -106,6 +110,7 @@ def row_softmax_grad_kernel(
     grad_scale,
     WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
@@ -120,8 +125,8 @@ def row_softmax_grad_kernel(
     in_ptr = logits_ptr + row * logits_row_stride
     out_ptr = grad_ptr + row * grad_row_stride
     lanes = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + lanes
+    for block in range(0, N_BLOCKS):
+        cols = block * BLOCK_V + lanes
         mask = cols < n_cols
         z = tl.load(in_ptr + cols, mask=cols < n_live, other=0.0).to(tl.float32) * logit_scale
         p = tl.exp(z - lse)
@@ -148,10 +153,11 @@ def row_logsumexp(
     rows, cols = logits.shape
     if rows == 0:
         return
+    block_v = min(block_v, triton.next_power_of_2(cols))
     row_logsumexp_kernel[(rows,)](
         logits, logits.stride(0), targets, lse, out, lse if entropy is None else entropy,
         cols, float(logit_scale), float(out_sign),
-        WITH_ENTROPY=entropy is not None, BLOCK_V=min(block_v, triton.next_power_of_2(cols)),
+        WITH_ENTROPY=entropy is not None, BLOCK_V=block_v, N_BLOCKS=triton.cdiv(cols, block_v),
         num_warps=num_warps,
     )
 
@@ -179,12 +185,13 @@ def row_softmax_grad(
         return
     with_entropy = g_entropy is not None
     g_entropy = g_entropy if with_entropy else g
+    block_v = min(block_v, triton.next_power_of_2(cols))
     row_softmax_grad_kernel[(rows,)](
         logits, logits.stride(0), grad, grad.stride(0), targets, lse, entropy if with_entropy else lse,
         g, g.stride(0) if g.dim() else 0,
         g_entropy, g_entropy.stride(0) if g_entropy.dim() else 0,
         cols, col_offset, float(logit_scale), float(grad_scale),
-        WITH_ENTROPY=with_entropy, BLOCK_V=min(block_v, triton.next_power_of_2(cols)), num_warps=num_warps,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block_v, N_BLOCKS=triton.cdiv(cols, block_v), num_warps=num_warps,
     )
 
 

@@ -34,6 +34,7 @@ of host syncs: chunk sizes depend only on shapes.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from kernels.cross_entropy import BLOCK_V, NUM_WARPS, row_logsumexp, row_softmax_grad
 from kernels.reference import IGNORE_INDEX
@@ -60,13 +61,25 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with the sum kept in fp32: never rounds a partial product to a's dtype."""
+    """acc (fp32) += a @ b with the sum kept in fp32: never rounds a partial product to a's dtype.
+
+    Eager CUDA: one cuBLAS call accumulating into acc (`addmm(..., out_dtype=, out=acc)`). Traced
+    (torch.compile, fake tensors): the fp32 product, then an add, because the meta path of addmm's out_dtype
+    overload is broken on some torch versions (2.11 reads out_dtype as beta) while mm's is not; a compiler
+    may fuse the add into the GEMM's epilogue."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
+    elif a.is_cuda and _FP32_OUT_GEMM and _traced(acc):
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     elif a.is_cuda and _FP32_OUT_GEMM:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ops on `t` are being traced (dynamo, or any fake-tensor mode) rather than run."""
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def rows_per_chunk(n_rows: int, vocab: int, itemsize: int, chunk_bytes: int) -> int:

@@ -18,6 +18,12 @@ Backends, picked on the first call for each device type and logged in one line (
 from code. The CUDA kernels take fp16/bf16 only: fp32 CUDA inputs go through "sdpa" (logged once).
 The flash and varlen paths never sync with the host when the caller passes `max_seqlen` (the packer knows
 it).
+
+Under torch.compile the choices (and their log lines) stay outside the graph: `backend_for` and
+`_varlen_gqa_mode` are `torch.compiler.assume_constant_result` functions of constants (device, dtype, head
+size), so dynamo runs them once, eagerly, while tracing, and bakes their answer into the graph instead of
+tracing a logging call, an import or a probe (a graph break, an error under fullgraph=True). A choice is
+per process: `use_backend` after a compile does not reach the compiled graph.
 """
 
 import inspect
@@ -61,8 +67,22 @@ def _varlen_attn():
     return varlen_attn
 
 
+@torch.compiler.assume_constant_result
+def backend_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `attention` uses for `dtype` tensors on `device`: `choose_backend(device)`, except that
+    the CUDA kernels take fp16/bf16 only, so other dtypes go through "sdpa" (logged once)."""
+    global _fp32_fallback_logged
+    backend = choose_backend(device)
+    if backend != "sdpa" and dtype not in (torch.float16, torch.bfloat16):
+        if not _fp32_fallback_logged:
+            log.info("attention: %s inputs go through sdpa (%s takes fp16/bf16 only)", dtype, backend)
+            _fp32_fallback_logged = True
+        return "sdpa"
+    return backend
+
+
 def choose_backend(device: torch.device) -> str:
-    """The backend for tensors on `device`: chosen on first use, then cached and reused."""
+    """The backend for tensors on `device`: chosen on first use (and logged), then cached and reused."""
     if device.type in _chosen:
         return _chosen[device.type]
     forced = _forced or os.environ.get("NANOREASON_ATTENTION") or None
@@ -100,17 +120,11 @@ def attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention, shaped like q. Packed [T, H, D] needs cu_seqlens; [B, T, H, D] must not have it."""
-    global _fp32_fallback_logged
     if q.dim() == 4 and cu_seqlens is not None:
         raise ValueError("cu_seqlens goes with packed [T, heads, head_dim] input, got a [B, T, ...] batch")
     if q.dim() == 3 and cu_seqlens is None:
         raise ValueError("packed [T, heads, head_dim] input needs cu_seqlens")
-    backend = choose_backend(q.device)
-    if backend != "sdpa" and q.dtype not in (torch.float16, torch.bfloat16):
-        if not _fp32_fallback_logged:
-            log.info("attention: %s inputs go through sdpa (%s takes fp16/bf16 only)", q.dtype, backend)
-            _fp32_fallback_logged = True
-        backend = "sdpa"
+    backend = backend_for(q.device, q.dtype)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, cu_seqlens=cu_seqlens, scale=scale)
     if q.dim() == 4:  # B full sequences = B documents of length T
@@ -189,7 +203,7 @@ def varlen_attention(
     kwargs = {}
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
-        mode = _varlen_gqa_mode(q, k, varlen_attn)
+        mode = _varlen_gqa_mode(q.device, q.dtype, q.shape[-1])
         if mode == "flag":
             kwargs["enable_gqa"] = True
         elif mode == "repeat":
@@ -199,16 +213,18 @@ def varlen_attention(
     )
 
 
-def _varlen_gqa_mode(q: torch.Tensor, k: torch.Tensor, varlen_attn) -> str:  # noqa: ANN001
+@torch.compiler.assume_constant_result
+def _varlen_gqa_mode(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """How varlen_attn takes fewer K/V heads: an `enable_gqa` flag, natively, or not at all (repeat K/V)."""
     global _varlen_gqa
     if _varlen_gqa is None:
+        varlen_attn = _varlen_attn()
         if "enable_gqa" in inspect.signature(varlen_attn).parameters:
             _varlen_gqa, why = "flag", "varlen_attn has enable_gqa"
         else:  # torch 2.11: no flag; its flash kernel may still accept Hkv < Hq, so try a tiny call once
-            probe_q = torch.zeros(4, 2, q.shape[-1], dtype=q.dtype, device=q.device)
-            probe_k = torch.zeros(4, 1, k.shape[-1], dtype=k.dtype, device=k.device)
-            cu = torch.tensor([0, 4], dtype=torch.int32, device=q.device)
+            probe_q = torch.zeros(4, 2, head_dim, dtype=dtype, device=device)
+            probe_k = torch.zeros(4, 1, head_dim, dtype=dtype, device=device)
+            cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
             try:
                 varlen_attn(probe_q, probe_k, probe_k, cu, cu, 4, 4, window_size=(-1, 0))
                 _varlen_gqa, why = "native", "varlen_attn accepts fewer K/V heads"

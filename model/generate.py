@@ -23,8 +23,11 @@ How it runs, one wave of at most `batch_size` rows (a prompt's n rows always sha
 Sampling (`sample_tokens`), in the order temperature -> top-k -> top-p, by inverse-CDF with one uniform
 number per row drawn up front from `generator` (CPU or the model's device), so a fixed seed reproduces:
     p = softmax(logits / T);   top-k keeps the k largest;   top-p then keeps the smallest prefix of the
-    sorted, renormalised top-k distribution whose mass reaches p (token i stays iff the mass before it < p);
-    token = first i with cdf_i > u * cdf_V over the kept tokens (zero-mass tokens can never be drawn).
+    sorted (probability descending, ties by index), renormalised top-k distribution whose mass reaches p
+    (token i stays iff the mass before it < p);  token = first i with cdf_i > u * cdf_last over the kept
+    tokens in that order (zero-mass tokens can never be drawn). Without top-k/top-p, the same inverse CDF
+    in vocabulary order. The vocabulary is not sorted when the nucleus lies among the 1024 most likely
+    tokens (a top-k prefilter with an exact fallback: `_sample_truncated`).
 temperature == 0 is greedy (argmax; the first index on ties).
 
 Log-probs. logps[r][t] = log softmax(logits / T)[token], fp32, *before* top-k/top-p truncation: the value
@@ -79,6 +82,9 @@ class Generation:
 # ---- sampling ------------------------------------------------------------------------------------------
 
 
+TOP_P_CANDIDATES = 1024  # top-p's prefilter: the most likely tokens sorted per row (the rest only if needed)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     uniform: torch.Tensor,
@@ -88,11 +94,13 @@ def sample_tokens(
     *,
     greedy: bool,
     truncate: bool,
+    candidates: int = TOP_P_CANDIDATES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (tokens [B] int64, log softmax(logits / T)[token] [B] fp32); see the module docstring.
 
-    uniform [B] in [0, 1): the row's random number. top_k: 1..V (V = no top-k). truncate=False skips the
-    sort (top_k = V and top_p = 1). No host sync: the values may be tensors (CUDA graphs).
+    uniform [B] in [0, 1): the row's random number. top_k: 1..V (V = no top-k). truncate=False skips
+    top-k/top-p (top_k = V and top_p = 1). No host sync where one would cost (see `_sample_truncated`):
+    the values may be tensors (CUDA graphs).
     """
     logits = logits.float()
     if greedy:
@@ -101,20 +109,75 @@ def sample_tokens(
     logprobs = (logits / temperature).log_softmax(-1)
     probs = logprobs.exp()
     if truncate:
-        probs, order = probs.sort(-1, descending=True)
-        rank = torch.arange(probs.shape[-1], device=probs.device)
-        probs = probs.masked_fill(rank >= top_k, 0.0)  # top-k
-        cumulative = probs.cumsum(-1)
-        mass_before = cumulative - probs  # top-p on the renormalised top-k distribution:
-        keep = (mass_before < top_p * cumulative[:, -1:]) & (probs > 0)  # keep i iff mass before i < p
-        probs = probs.masked_fill(~keep, 0.0)
-    cdf = probs.cumsum(-1)
-    index = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
-    # u * total can round up to total: fall back to the last token with mass, never one outside the set
-    last_kept = (probs > 0).sum(-1, keepdim=True) - 1 if truncate else probs.shape[-1] - 1
-    index = torch.minimum(index, torch.as_tensor(last_kept, device=index.device))
-    tokens = (order.gather(-1, index) if truncate else index)[:, 0]
+        tokens = _sample_truncated(probs, uniform, top_k, top_p, candidates)
+    else:  # inverse CDF in vocabulary order; u * total can round up to total: clamp to the last token
+        cdf = probs.cumsum(-1)
+        index = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
+        tokens = index.clamp(max=probs.shape[-1] - 1)[:, 0]
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _sample_truncated(
+    probs: torch.Tensor, uniform: torch.Tensor, top_k: torch.Tensor | int, top_p: torch.Tensor | float,
+    candidates: int,
+) -> torch.Tensor:
+    """Top-k then top-p, drawn by inverse CDF over the kept tokens in sorted order, without sorting the
+    vocabulary when the nucleus lies among the `candidates` most likely tokens.
+
+    The order is probability descending, ties by lower index (a stable sort). The total mass M the top-p
+    threshold is relative to is Σ of the top-k probabilities (Σ_j p_j without top-k). Prefilter: topk()
+    takes the `candidates` largest, re-sorted into that order; on them the draw is the same arithmetic as
+    on the fully sorted vocabulary (the same cumulative sums of the same leading values), so it gives the
+    same token, unless the kept set reaches the smallest candidate value (a row whose nucleus is longer
+    than the prefilter, or ties at its edge whose members topk() may have picked differently) or top-k
+    asks for more than the prefilter holds: such a row is "short" and takes the exact path, a stable sort
+    of its whole vocabulary. Choosing per row needs a data-dependent branch, which CUDA graphs and a traced
+    graph cannot hold without a host sync: there the exact path is computed for every row and
+    torch.where picks (no sync; the sort still runs every step, so the GPU gains nothing); on CPU tensors
+    outside tracing, the branch reads a flag already in host memory (no device to wait for) and the sort
+    runs only in a step that has a short row.
+    """
+    vocab = probs.shape[-1]
+    top_k = torch.as_tensor(top_k, device=probs.device)
+    mass = probs.sum(-1)  # M without top-k (with it, the top-k sum: `_draw_sorted`)
+    n = min(candidates, vocab)
+    values, index = probs.topk(n, -1, sorted=False)
+    index, by_index = index.sort(-1)  # re-sort the candidates: probability descending, ties by index
+    values, order = values.gather(-1, by_index).sort(dim=-1, descending=True, stable=True)
+    tokens, kept = _draw_sorted(values, index.gather(-1, order), uniform, top_k, top_p, mass, vocab)
+    if n == vocab:  # the candidates are the whole vocabulary: nothing is short
+        return tokens
+    # kept tokens must all be strictly more likely than the smallest candidate: every such token is a
+    # candidate, in the same place as in the full order
+    unambiguous = (values > values[:, -1:]).sum(-1)
+    short = (kept > unambiguous) | ((top_k > n) & (top_k < vocab))
+    if probs.is_cuda or torch.compiler.is_compiling() or short.any():
+        values, index = probs.sort(dim=-1, descending=True, stable=True)
+        exact, _ = _draw_sorted(values, index, uniform, top_k, top_p, mass, vocab)
+        tokens = torch.where(short, exact, tokens)
+    return tokens
+
+
+def _draw_sorted(
+    values: torch.Tensor, index: torch.Tensor, uniform: torch.Tensor, top_k: torch.Tensor,
+    top_p: torch.Tensor | float, mass: torch.Tensor, vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the leading probabilities `values` [B, n] of a vocabulary of `vocab` sorted descending (ids
+    `index`): keep the top k, then token i iff the mass before it < top_p·M (M = the top-k sum, or `mass`
+    [B] when top_k >= vocab); token = first i with cdf_i > u·cdf_last over the kept ones.
+    -> (tokens [B], kept count [B])."""
+    rank = torch.arange(values.shape[-1], device=values.device)
+    values = values.masked_fill(rank >= top_k, 0.0)  # top-k
+    cumulative = values.cumsum(-1)
+    top_k_total = cumulative.gather(-1, (top_k.clamp(max=values.shape[-1]) - 1).expand(values.shape[0], 1))
+    total = torch.where(top_k >= vocab, mass[:, None], top_k_total)
+    keep = (cumulative - values < top_p * total) & (values > 0)  # the mass before i < p
+    cdf = values.masked_fill(~keep, 0.0).cumsum(-1)
+    position = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
+    kept = keep.sum(-1)
+    # u * total can round up to total: fall back to the last kept token, never one outside the set
+    position = torch.minimum(position, (kept - 1)[:, None])
+    return index.gather(-1, position)[:, 0], kept
 
 
 # ---- the static decode state and the step ----------------------------------------------------------------

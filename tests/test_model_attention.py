@@ -83,6 +83,23 @@ def test_forcing_a_backend(monkeypatch):
     assert attn.choose_backend(torch.device("cpu")) == "sdpa"
 
 
+def test_attention_compiles_as_one_graph_and_logs_its_backend_once(caplog):
+    """torch.compile(fullgraph=True) over attention with no backend chosen yet: the choice and its log line
+    happen once, outside the graph (a logging call inside it is a graph break, an error here)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 5, 4, 8, generator=g)
+    k, v = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)
+    compiled = torch.compile(lambda q, k, v: attn.attention(q, k, v, scale=0.3), backend="eager",
+                             fullgraph=True)
+    with caplog.at_level(logging.INFO, logger="model.attention"):
+        got = compiled(q, k, v)
+        compiled(q, k, v)
+    torch.testing.assert_close(got, attn.attention(q, k, v, scale=0.3), rtol=0, atol=0)
+    lines = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+    assert lines == ["attention backend for cpu: sdpa (cpu tensors: SDPA per document)"]
+
+
 def test_packed_positions_restart_per_document():
     cu = torch.tensor([0, 3, 4, 4, 9], dtype=torch.int32)
     assert packed_positions(cu, 9).tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
