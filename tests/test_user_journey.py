@@ -9,7 +9,8 @@ rollouts. What a user would download, the test builds as stand-ins, offline:
   - the hub names the commands use, `Qwen/Qwen2.5-Math-1.5B` and `microsoft/Phi-4-mini-instruct`, in a Hugging
     Face cache (HF_HOME, HF_HUB_OFFLINE=1): each checkpoint has its model's architecture shrunk to two layers
     of width 64, with the real vocabulary (151,936 and 200,064 entries), and a real Qwen tokenizer (the Qwen3
-    one read from the shared data, with Qwen2.5-Math's chat template for the REDI model). The REDI model has
+    one read from the shared data, with Qwen2.5-Math's chat template for the REDI model; where the shared
+    data is absent, a small byte-level BPE with the same ChatML tokens stands in). The REDI model has
     random weights. The Phi model is built to answer: its blocks add nothing and its lm head maps each token
     to the next one of `\\boxed{5}` / `\\boxed{7}` then the end of turn, so that at temperature 1 it is right
     on about half of its samples, GRPO's groups hold both rewards and its own rollouts give pairs;
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import QWEN3_TOKENIZER, ROOT, require
+from conftest import QWEN3_TOKENIZER, ROOT
 
 README = ROOT / "README.md"
 FIXTURE = ROOT / "tests" / "fixtures" / "openr1_math_raw_sample.jsonl"
@@ -85,10 +86,18 @@ def hub_snapshot(hf_home: Path, repo: str) -> Path:
 
 
 def tokenizer_files(into: Path, chat_template: str | None) -> None:
-    """The Qwen3 tokenizer's files, with another chat template where one is given."""
-    source = require(QWEN3_TOKENIZER)
-    (into / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
-    config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    """A real Qwen tokenizer's files (the Qwen3 one from the shared data), with another chat template where
+    one is given. Where the shared data is absent, a byte-level BPE trained here on the fixture's text, with
+    the same ChatML tokens, stands in: the journey then still runs, with a smaller tokenizer vocabulary."""
+    if QWEN3_TOKENIZER.exists():
+        (into / "tokenizer.json").write_bytes((QWEN3_TOKENIZER / "tokenizer.json").read_bytes())
+        config = json.loads((QWEN3_TOKENIZER / "tokenizer_config.json").read_text(encoding="utf-8"))
+    else:
+        from data.synthetic import tokenizer_config, train_tokenizer
+
+        tokenizer = train_tokenizer([FIXTURE.read_text(encoding="utf-8")], vocab_size=600)
+        tokenizer.save(str(into / "tokenizer.json"))
+        config = tokenizer_config(tokenizer)
     if chat_template is not None:
         config["chat_template"] = chat_template
     (into / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
