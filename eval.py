@@ -342,8 +342,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--think-prefix", action="store_true", help="start each completion after '<think>\\n'")
     p.add_argument("--prompt-suffix", default=None,
-                   help="text after the problem (default: the boxed-answer instruction for named benchmarks, "
-                        "nothing for files)")
+                   help="text after the problem (default: the boxed-answer instruction for the five "
+                        "benchmarks, by name or as a file named like one, e.g. math500.jsonl; nothing for "
+                        "other files)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     p.add_argument("--out", required=True, help="JSON with metrics and every completion (resumed if present)")
     p.add_argument("--pairs-out", help="also write (chosen, rejected) preference pairs here (JSONL)")
