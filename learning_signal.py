@@ -44,14 +44,7 @@ SHOWN = 5  # records or answers named in a warning
 def check_pairs(dataset, data: str, *, main: bool = True) -> None:  # noqa: ANN001 (a TokenizedDataset)
     """Warn (rank 0: `main`) about the pairs of `dataset` (data.datasets' kind "pairs", read from --data
     `data`) whose chosen and rejected sequences are identical; refuse (UserError) when every pair is."""
-    offsets, sizes = dataset.offsets, np.diff(dataset.offsets)
-    same = []
-    for i in np.flatnonzero(sizes[0::2] == sizes[1::2]):
-        chosen = slice(offsets[2 * i], offsets[2 * i + 1])
-        rejected = slice(offsets[2 * i + 1], offsets[2 * i + 2])
-        if np.array_equal(dataset.tokens[chosen], dataset.tokens[rejected]) and \
-                np.array_equal(dataset.mask[chosen], dataset.mask[rejected]):
-            same.append(int(i))
+    same = [i for i in range(len(dataset)) if identical(*dataset[i])]
     if not same:
         return
     if len(same) == len(dataset):
@@ -62,6 +55,11 @@ def check_pairs(dataset, data: str, *, main: bool = True) -> None:  # noqa: ANN0
         log.warning("--data %s: chosen and rejected are identical in %d of %d pairs (records %s%s, counted "
                     "over its files): those pairs teach no preference", data, len(same), len(dataset),
                     records, ", ..." if len(same) > SHOWN else "")
+
+
+def identical(chosen: tuple[np.ndarray, np.ndarray], rejected: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether a pair's two (tokens, loss mask) sequences are the same."""
+    return all(len(a) == len(b) and np.array_equal(a, b) for a, b in zip(chosen, rejected, strict=True))
 
 
 def matchable(answer: str) -> bool:
