@@ -5,10 +5,11 @@
 each overriding the one before; a pair objective's own defaults (losses.PAIR_OBJECTIVES, e.g. DPO's β 0.1)
 fill what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
 `batch_size = 32`); an unknown name, or a value of the wrong type, is an error that names the file. The
-embedded default (embedded.py) builds every stage the same way, its stage recipes as the layer between the
-defaults and the flags: `resolve(given_flags(argv), recipe("embedded-sft"))`. The resolved values are then
-checked once (`validate`): each numeric flag against its legal range in LEGAL, and the flags that only make
-sense together; a value out of range is an errors.UserError naming the flag and the range.
+embedded default (the `embedded` package) builds every stage the same way, its stage recipes as the layer
+between the defaults and the flags, and runs it as `train.py --config <stage>/stage.toml`. The resolved
+values are then checked once (`validate`): each numeric flag against its legal range in LEGAL, and the
+flags that only make sense together; a value out of range is an errors.UserError naming the flag and the
+range.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from losses import PAIR_OBJECTIVES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo."
+EMBEDDED = ("no --data, --model or --init: the embedded default (python train.py --objective redi | --recipe "
+            "phi-embedded); its own flags (--seeds, --draws, --lr-grid, ...): python -m embedded --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="train.py", description=DESCRIPTION,
+    p = ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EMBEDDED,
                        formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
     p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())})")
@@ -39,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template", type=Path, help="a .jinja chat template instead of the tokenizer's "
                    "(saved with the export), e.g. data/chat_templates/qwen2.5-math.jinja: Qwen2.5-Math's, "
                    "which REDI trained with")
-    g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none: the embedded default")
+    g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none (and no --model, --init): "
+                   "the embedded default")
     g.add_argument("--out", type=Path, help="run directory (default: runs/<objective>)")
     g.add_argument("--rope-theta", type=float, help="override the model's rope_theta")
     g.add_argument("--max-position-embeddings", type=int, help="override the model's max positions")
@@ -137,15 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--resume when --out holds a checkpoint, else start fresh (a restarted job)")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
-    g = p.add_argument_group("the embedded default (no --data/--model/--init: embedded.py)")
-    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="train every pair objective from the same SFT weights and compare them")
-    g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
-    g.add_argument("--workers", type=int, help="processes training stages side by side, one core each "
-                   "(default: one per core; a stage that runs alone gets every core)")
-    g.add_argument("--lr-grid", type=float, nargs="+",
-                   help="the pair stages' learning rates, each row keeping its best on validation (default: "
-                   "recipes/embedded-pairs.toml; --lr: that one rate)")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
@@ -165,8 +160,8 @@ LEGAL = {
     "updates_per_rollout": ">= 1", "filter_samples": ">= 0", "filter_max_pass": "[0, 1]",
     "filter_min_pass": "[0, 1]", "rollout_batch_size": ">= 1",
     "eval_every": ">= 0", "eval_limit": ">= 1", "eval_n": ">= 1", "eval_temperature": ">= 0",
-    "eval_max_new_tokens": ">= 1", "lr_grid": "> 0",
-    "save_every": ">= 0", "keep_last": ">= 1", "log_every": ">= 1", "seeds": ">= 1",
+    "eval_max_new_tokens": ">= 1",
+    "save_every": ">= 0", "keep_last": ">= 1", "log_every": ">= 1",
 }
 
 

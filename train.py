@@ -1,6 +1,6 @@
 """train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo.
 
-    python train.py --objective redi          # the embedded default (embedded.py): no downloads, CPU
+    python train.py --objective redi          # the embedded default (embedded/): no downloads, CPU
     torchrun --nproc_per_node 8 train.py --recipe redi-sft --init Qwen/Qwen2.5-Math-1.5B \\
         --data sft.jsonl --out runs/sft
     torchrun --nproc_per_node 8 train.py --recipe redi --init runs/sft/hf --data pairs.jsonl --out runs/redi
@@ -52,7 +52,7 @@ from data.datasets import load_pairs, load_rl, load_sft
 from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
 from data.tokenizer import Tokenizer
 from eval import evaluate_shards, load_problems
-from flags import parse_args
+from flags import build_parser, parse_args, read_toml
 from losses import PAIR_OBJECTIVES, PairLogps, group_advantages, grpo_loss, grpo_loss_unit, sft_loss
 from metrics import MetricsLog, peak_flops, train_flops
 from model import ModelConfig, Transformer
@@ -570,16 +570,20 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """train(the flags), or with no --data, --model and --init (given or in --config) the embedded default,
+    which gets the whole command line (its own flags too: python -m embedded --help)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    try:
-        if args.model is None and args.data is None and args.init is None:
-            import embedded
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)  # --help here is train.py's
+    config = read_toml(known.config, parser) if known.config else {}
+    if not any(getattr(known, k) or config.get(k) for k in ("data", "model", "init")):
+        import embedded.command
 
-            embedded.main(argv)
-        else:
-            train(args)
+        embedded.command.main(argv)
+        return
+    try:
+        train(parse_args(argv))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,37 +1,39 @@
-"""The embedded default (embedded.py, `python train.py --objective ...` with no data), shrunk: every stage
-runs and is reused when unchanged, the flags a user gives reach the stage they name, and two fresh runs
-print the same table (bit-reproducible on one torch build and core count)."""
+"""The embedded default (the embedded package, `python train.py --objective ...` with no data), shrunk:
+every stage runs, as its own train.py process, and is reused when unchanged, the flags a user gives reach the
+stage they name, and two fresh runs print the same table (bit-reproducible on one torch build and core
+count)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
-import torch.distributed as dist
 
-import embedded
 import flags
+import train
+from embedded import command, grading, phi_chain, runner, stages
+from errors import UserError
 
 SMALL_TASK = {"n_train_problems": 48, "n_val_problems": 6, "n_test_problems": 8}
 
 
 @pytest.fixture
 def shrunk(monkeypatch):
-    """A small task, and stages of 2 steps of 4 unless the test's own flags say otherwise."""
-    monkeypatch.setattr(embedded, "TASK", {**embedded.TASK, **SMALL_TASK})
-    stage_args = embedded.stage_args
+    """A small task, and stages of 2 steps of 4 unless the test's own flags say otherwise (the stage
+    recipes shrunk: the user's flags still win)."""
+    monkeypatch.setattr(command, "TASK", {**command.TASK, **SMALL_TASK})
+    recipe = stages.recipe
 
-    def short(stage, user, paths):
+    def short(stage):
         grpo = {"filter_min_pass": 0.0, "group_size": 2, "max_new_tokens": 8} if "grpo" in stage else {}
-        return stage_args(stage, {"max_steps": 2, "batch_size": 4, **grpo, **user}, paths)
+        return {**recipe(stage), "max_steps": 2, "batch_size": 4, **grpo}
 
-    monkeypatch.setattr(embedded, "stage_args", short)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    monkeypatch.setattr(stages, "recipe", short)
 
 
 def run(argv, workers: int = 1):
     """The embedded default, its stages here on one core (workers=1) or in a pool of `workers` processes."""
-    return embedded.main([*argv, "--workers", str(workers)])
+    return command.main([*argv, "--workers", str(workers)])
 
 
 def test_every_stage_runs_and_unchanged_stages_are_reused(shrunk, tmp_path, capsys):
@@ -70,14 +72,15 @@ def test_flags_reach_the_stage_they_name(shrunk, tmp_path):
 
 
 def test_pair_flags_apply_to_every_compared_stage_but_objective_flags_stay_with_theirs():
-    given = flags.given_flags(["--objective", "redi", "--lr", "3e-5", "--alpha", "1.0", "--beta", "0.5",
-                               "--out", "x", "--seeds", "2"])
-    assert embedded.user_flags_for("redi", "redi", given) == {"lr": 3e-5, "alpha": 1.0, "beta": 0.5}
-    assert embedded.user_flags_for("dpo", "redi", given) == {"lr": 3e-5}
-    assert embedded.user_flags_for("sft", "redi", given) == {}
-    given = flags.given_flags(["--objective", "dpo", "--beta", "0.5"])
-    assert embedded.user_flags_for("dpo", "dpo", given) == {"beta": 0.5}
-    assert embedded.user_flags_for("simpo", "dpo", given) == {}
+    given, demo = command.parse(["--objective", "redi", "--lr", "3e-5", "--alpha", "1.0", "--beta", "0.5",
+                                 "--out", "x", "--seeds", "2"])
+    assert demo.seeds == 2 and "seeds" not in given
+    assert stages.user_flags_for("redi", "redi", given) == {"lr": 3e-5, "alpha": 1.0, "beta": 0.5}
+    assert stages.user_flags_for("dpo", "redi", given) == {"lr": 3e-5}
+    assert stages.user_flags_for("sft", "redi", given) == {}
+    given, _ = command.parse(["--objective", "dpo", "--beta", "0.5"])
+    assert stages.user_flags_for("dpo", "dpo", given) == {"beta": 0.5}
+    assert stages.user_flags_for("simpo", "dpo", given) == {}
 
 
 def test_two_fresh_runs_print_the_same_table(shrunk, tmp_path, capsys):
@@ -105,7 +108,7 @@ def test_a_stage_trained_by_other_code_is_retrained(shrunk, tmp_path, monkeypatc
     first = weights.stat().st_mtime_ns
     run(argv)
     assert weights.stat().st_mtime_ns == first  # same code, same settings: reused
-    monkeypatch.setattr(embedded, "code_digest", lambda threads: "another version of the code")
+    monkeypatch.setattr(runner, "code_digest", lambda threads: "another version of the code")
     run(argv)
     assert weights.stat().st_mtime_ns != first
 
@@ -120,7 +123,7 @@ def test_resume_continues_an_unfinished_stage_and_a_changed_stage_starts_over(sh
     sft = tmp_path / "sft"
     (sft / "stage.json").unlink()  # as if stopped after its last checkpoint
     shutil.rmtree(sft / "hf")
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with pytest.raises(UserError, match="holds checkpoints of an earlier run"):
         run([*argv, "--save-every", "1"])
     run([*argv, "--save-every", "1", "--resume"])
     steps = [json.loads(line)["step"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
@@ -133,15 +136,15 @@ def test_resume_continues_an_unfinished_stage_and_a_changed_stage_starts_over(sh
 def test_the_phi_chain_runs_every_stage_and_its_ablations(shrunk, tmp_path, monkeypatch):
     """Every stage and ablation of --recipe phi-embedded, shrunk. The 2-step SFT model's own rollouts hold no
     problem with a right and a wrong sample, so the own-rollouts variant has no data and no row."""
-    monkeypatch.setattr(embedded, "ROLLOUT_PROBLEMS", 24)
+    monkeypatch.setattr(grading, "ROLLOUT_PROBLEMS", 24)
     argv = ["--recipe", "phi-embedded", "--out", str(tmp_path), "--eval-limit", "8", "--lr-grid", "1e-3"]
     results = run(argv)
     pairs = results["phi-sft"]["own_rollout_pairs"]
     assert pairs == len((tmp_path / "data" / "own_pairs.jsonl").read_text().splitlines()) == 0
-    assert list(results) == ["base (random init)", *(r for r in embedded.PHI_ROWS if "own" not in r)]
+    assert list(results) == ["base (random init)", *(r for r in phi_chain.PHI_ROWS if "own" not in r)]
     for name, row in results.items():
         if name != "base (random init)":
-            assert row["versus"] == embedded.PHI_ROWS[name], name
+            assert row["versus"] == phi_chain.PHI_ROWS[name], name
             assert {"accuracy", "paired_diff", "paired_stderr"} <= set(row), name
     corpus = (tmp_path / "data" / "corpus.jsonl").read_text().splitlines()
     subset = (tmp_path / "data" / "subset.jsonl").read_text().splitlines()
@@ -150,3 +153,51 @@ def test_the_phi_chain_runs_every_stage_and_its_ablations(shrunk, tmp_path, monk
     assert 0 < len(subset) < len(corpus)
     assert (tmp_path / "phi_grpo.png").exists()
     assert "| phi-grpo, no DPO |" in (tmp_path / "results.md").read_text()
+
+
+def test_train_hands_the_whole_command_line_to_the_demo_and_a_stage_file_to_training(monkeypatch, tmp_path):
+    """train.py → embedded, one way: with no --data/--model/--init the demo gets the command line, its own
+    flags included (train.py's parser does not know --seeds); a stage.toml that names the data trains."""
+    seen = {}
+    monkeypatch.setattr(command, "main", lambda argv: seen.setdefault("demo", argv))
+    monkeypatch.setattr(train, "train", lambda args: seen.setdefault("train", args))
+    train.main(["--objective", "redi", "--seeds", "3"])
+    assert seen.pop("demo") == ["--objective", "redi", "--seeds", "3"]
+    config = tmp_path / "stage.toml"
+    config.write_text('data = "x.jsonl"\nmodel = "tiny"\ntokenizer = "tok"\n')
+    train.main(["--config", str(config)])
+    assert seen["train"].data == "x.jsonl" and "demo" not in seen
+
+
+def test_the_demo_never_imports_train():
+    """The stages run train.py's command line; nothing of the package imports train.py (no import circle)."""
+    code = "import sys, embedded.command, embedded.__main__; assert 'train' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=runner.ROOT, check=True)
+
+
+def test_the_demo_flags_are_the_demos_and_train_offers_only_user_recipes():
+    train_flags = {s for a in flags.build_parser()._actions for s in a.option_strings}
+    demo_flags = {s for a in command.build_parser()[0]._actions for s in a.option_strings}
+    own = {"--seeds", "--compare", "--workers", "--lr-grid"}
+    assert not own & train_flags and own <= demo_flags and train_flags <= demo_flags
+    assert "python -m embedded --help" in flags.build_parser().format_help()
+    assert flags.recipe_names() and not [n for n in flags.recipe_names() if "embedded" in n]
+    with pytest.raises(UserError, match="--seeds 0: out of range"):
+        command.parse(["--seeds", "0"])
+
+
+@pytest.mark.parametrize("stage", sorted(p.stem for p in stages.RECIPES.glob("*.toml")))
+def test_a_stage_toml_reads_back_as_the_stage_settings(stage, tmp_path):
+    """Every stage recipe is legal, and `train.py --config <stage>/stage.toml` gets exactly the settings
+    the demo resolved (so a stage can be rerun by hand)."""
+    args = stages.stage_args(stage, {"lr": 3e-4}, {
+        "model": "tiny", "tokenizer": "tok", "data": "d.jsonl", "eval_data": "val.jsonl", "init": "sft/hf",
+        "out": tmp_path / stage, "cache_dir": tmp_path / ".cache", "resume_or_start": True})
+    (tmp_path / "stage.toml").write_text(stages.toml_text(args))
+    back = flags.parse_args(["--config", str(tmp_path / "stage.toml")])
+
+    def settings(ns):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(ns).items()
+                if k not in stages.NOT_WRITTEN}
+
+    assert settings(back) == settings(args)
