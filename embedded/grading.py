@@ -1,7 +1,7 @@
 """Grading a model on the task's problems: greedy pass@1 per problem and the way each completion took, and
 the pairs of a model's own samples (what `eval.py --pairs-out` writes).
 
-    grade(model, problems)  → {"correct": [c_i ∈ {0, 1}], "ways": data.synthetic.way_table(...)}
+    grade(model, tok, problems, suffix, budget)  → {"correct": [c_i ∈ {0, 1}], "way", "story", "ways"}
 
 Greedy decoding (temperature 0) and a fixed thread count per process make a grade the same run to run on
 the same torch build and core count.
@@ -30,12 +30,14 @@ def task_problems(path: Path) -> tuple[list[Problem], str]:
 
 
 def grade(model: Transformer, tok: Tokenizer, problems: list[Problem], suffix: str, budget: int) -> dict:
-    """Greedy pass@1 per problem and the way (data.synthetic.trace_way) each completion took."""
+    """Greedy pass@1 per problem, the way each completion took (data.synthetic.trace_way) and each problem's
+    story → {"correct", "way", "story": one per problem, "ways": data.synthetic.way_table}."""
     result = evaluate(model, tok, problems, n=1, temperature=0.0, top_p=1.0, max_new_tokens=budget,
                       batch_size=BATCH, prompt_suffix=suffix, progress=False)
     correct = [p.rewards[0] for p in result.problems]
     ways = [synthetic.trace_way(p.completions[0]) for p in result.problems]
-    return {"correct": correct, "ways": synthetic.way_table(ways, [c == 1.0 for c in correct])}
+    return {"correct": correct, "way": ways, "story": [synthetic.story_of(p.problem) for p in problems],
+            "ways": synthetic.way_table(ways, [c == 1.0 for c in correct])}
 
 
 def rollout_pairs(model: Transformer, tok: Tokenizer, rl: Path, budget: int, path: Path) -> int:

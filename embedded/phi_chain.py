@@ -3,7 +3,8 @@
 Mid-training (packed) → SFT (whole examples) → rollout DPO → GRPO, from a random init (recipes/phi-*.toml),
 with the paper's ablations (SFT without mid-training, GRPO without DPO) and the variant DPO on the SFT
 model's own rollouts; every model graded on the task's test split, each row's gain paired against the row
-named in PHI_ROWS (stats.py).
+named in PHI_ROWS (stats.py: vs_over). Rollout DPO follows the REDI comparison's protocol: 60 steps × 16
+pairs, each learning rate of its full grid (comparison.FULL_GRID), the best on validation.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import json
 from pathlib import Path
 
 from data import synthetic
-from embedded.comparison import lr_grid
+from embedded.comparison import FULL_GRID, row_record
 from embedded.runner import Job, Runner
 from embedded.stages import stage_args
-from embedded.stats import best_key, mean_sd, row_stats
+from embedded.stats import best_key, mean_sd
 
 # each row, and the row its gain is paired against
 PHI_ROWS = {"phi-midtrain": "base (random init)", "phi-sft": "phi-midtrain",
@@ -54,11 +55,12 @@ def chat(problem: str, trace: str) -> list[dict]:
     return [{"role": "user", "content": problem}, {"role": "assistant", "content": trace}]
 
 
-def best_on_val(stage: str, grid: list[float], runs: dict[str, dict], runner: Runner) -> dict[str, dict]:
+def best_on_val(stage: str, grid: list[float], task: dict, runs: dict[str, dict], runner: Runner
+                ) -> dict[str, dict]:
     """The stage at every lr of `grid` for each {name: paths} of `runs`, all in one wave, graded on
     validation → {name: the best run (ties: the smaller lr), with its "lr"}."""
     keys = [(name, lr) for name in runs for lr in grid]
-    jobs = [Job(stage_args(stage, {}, {**runs[name], "lr": lr, "out": runs[name]["out"] / f"lr{lr:g}"}),
+    jobs = [Job(task, stage_args(stage, {}, {**runs[name], "lr": lr, "out": runs[name]["out"] / f"lr{lr:g}"}),
                 splits=("val",)) for name, lr in keys]
     done = [r | {"lr": lr} for r, (_, lr) in zip(runner(jobs, stage), keys, strict=True)]
     return {name: max((r for r, (n, _) in zip(done, keys, strict=True) if n == name),
@@ -68,7 +70,9 @@ def best_on_val(stage: str, grid: list[float], runs: dict[str, dict], runner: Ru
 def phi_chain(given: dict, demo: argparse.Namespace, task: dict, root: Path, common: dict, runner: Runner
               ) -> dict:
     """Mid-training → SFT → rollout DPO → GRPO, with the paper's ablations (no mid-training, no DPO) and the
-    variant DPO on the SFT model's own rollouts; every model graded on the test split → {row: row_stats}."""
+    variant DPO on the SFT model's own rollouts; every model graded on the test split → the report's data,
+    {"models": {row: comparison.row_record, with "versus"}, "figures"}."""
+    common = {**common, "tokenizer": str(task["tokenizer"]), "eval_data": str(task["val"])}
     data = phi_data(task, root / "data")
     own_pairs = root / "data" / "own_pairs.jsonl"
 
@@ -76,27 +80,34 @@ def phi_chain(given: dict, demo: argparse.Namespace, task: dict, root: Path, com
         paths = {**common, "data": str(data_path), "out": root / out}
         return stage_args(name, {}, paths | ({"init": str(init)} if init else {}))
 
-    (base,) = runner([Job(model=root / "base" / "hf")], "base")
-    (mid,) = runner([Job(stage("phi-midtrain", data["corpus"], "midtrain"))], "mid-training")  # every core
-    sft, scratch = runner([Job(stage("phi-sft", data["subset"], "sft", mid["hf"]), rollout_pairs=own_pairs),
-                           Job(stage("phi-sft", data["subset"], "sft-scratch"))], "sft")
+    (base,) = runner([Job(task, model=root / "base" / "hf")], "base")
+    (mid,) = runner([Job(task, stage("phi-midtrain", data["corpus"], "midtrain"))], "mid-training")  # alone
+    sft, scratch = runner([Job(task, stage("phi-sft", data["subset"], "sft", mid["hf"]),
+                               rollout_pairs=own_pairs),
+                           Job(task, stage("phi-sft", data["subset"], "sft-scratch"))], "sft")
     from_sft = {**common, "init": str(sft["hf"])}
     pairs = {"phi-dpo": {**from_sft, "data": str(task["pairs"]), "out": root / "dpo"}}
     if sft["pairs"]:  # else no problem had a right and a wrong sample: the variant has no data
         pairs["phi-dpo, own rollouts"] = {**from_sft, "data": str(own_pairs), "out": root / "dpo-own"}
-    best = best_on_val("phi-dpo", lr_grid(given, demo), pairs, runner)
+    grid = demo.lr_grid or ([given["lr"]] if "lr" in given else list(FULL_GRID))
+    best = best_on_val("phi-dpo", grid, task, pairs, runner)
     graded = {"base (random init)": base, "phi-midtrain": mid, "phi-sft": sft,
               "phi-sft, no mid-training": scratch}
-    for name, tested in zip(best, runner([Job(model=b["hf"]) for b in best.values()], "dpo"), strict=True):
-        graded[name] = tested | {"lr": best[name]["lr"]}
+    tested = runner([Job(task, model=b["hf"]) for b in best.values()], "dpo")
+    for name, result in zip(best, tested, strict=True):
+        graded[name] = result | {"lr": best[name]["lr"]}
     dpo = best["phi-dpo"]
     graded["phi-grpo"], graded["phi-grpo, no DPO"] = runner(
-        [Job(stage("phi-grpo", data["rl"], "grpo", dpo["hf"])),
-         Job(stage("phi-grpo", data["rl"], "grpo-no-dpo", sft["hf"]))], "grpo")
-    rows = {"base (random init)": row_stats([base["test"]], None)}
+        [Job(task, stage("phi-grpo", data["rl"], "grpo", dpo["hf"])),
+         Job(task, stage("phi-grpo", data["rl"], "grpo-no-dpo", sft["hf"]))], "grpo")
+    rows = {"base (random init)": row_record({(0, 0): base["test"]}, {})}
     for name, versus in PHI_ROWS.items():
         if name in graded:
-            rows[name] = row_stats([graded[name]["test"]], [graded[versus]["test"]]) | {"versus": versus}
-            rows[name] |= {"lr": [graded[name]["lr"]]} if "lr" in graded[name] else {}
+            over = {"over": {(0, 0): graded[versus]["test"]}}
+            rows[name] = row_record({(0, 0): graded[name]["test"]}, over)
+            rows[name] |= {"versus": versus} | ({"lr": [graded[name]["lr"]]} if "lr" in graded[name] else {})
     rows["phi-sft"]["own_rollout_pairs"] = sft["pairs"]
-    return rows
+    grpo = {"from DPO: ": root / "grpo" / "metrics.jsonl",
+            "from SFT (no DPO): ": root / "grpo-no-dpo" / "metrics.jsonl"}
+    stats = json.loads(task["stats"].read_text())["teacher"]
+    return {"models": rows, "task": stats, "figures": {"phi_grpo": grpo}}

@@ -3,6 +3,8 @@ waves of independent jobs side by side, each on cores of its own.
 
 A stage runs as `python train.py --config <stage>/stage.toml` (stages.py writes the file) in a process of
 its own, its output in <stage>/train.log; `stage_command` is the one place that command is put together.
+Its OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): spinning threads of a 2-thread
+stage on a busy machine made it up to 50× slower; how threads wait changes no number.
 The stage cache: a stage whose <stage>/hf holds a finished run of exactly these settings, trained by this
 code (code_digest: the training code, the torch version, the thread count), is reused, not retrained; a
 finished stage of other settings or code is retrained from scratch (its checkpoints removed). An
@@ -65,10 +67,12 @@ def run_logged(command: list[str], log: Path, echo: bool) -> None:
     """Run `command`, its output appended to `log` (and shown on stderr with `echo`); a failure is a
     UserError naming the stage, the command and its last line of output."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with open(log, "ab") as out, subprocess.Popen(command, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT) as proc:
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    with open(log, "ab") as out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                  env=env) as proc:
         for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
             out.write(chunk)
+            out.flush()  # the log follows the stage as it trains
             if echo:
                 sys.stderr.write(decoder.decode(chunk))
                 sys.stderr.flush()
@@ -103,26 +107,29 @@ def use_own_cores() -> None:
 
 @dataclass
 class Job:
-    """A stage to train (cached) or a model to grade, and the splits to grade it on."""
+    """A stage to train (cached) or a model to grade, the task it belongs to and the splits to grade it on."""
 
+    task: dict  # data.synthetic.build_task's paths
     args: argparse.Namespace | None = None  # the stage's settings; None: grade `model` as it is
     model: Path | None = None
     splits: tuple[str, ...] = ("test",)
     rollout_pairs: Path | None = None  # also write (correct, incorrect) pairs of the model's own samples here
 
 
-def do_job(job: Job, task: dict, budget: int, limits: dict, code: str, echo: bool = False) -> dict:
+def do_job(job: Job, budget: int, limits: dict, code: str, echo: bool = False) -> dict:
     """Train (or reuse) the job's stage, then grade its model → {"hf", <split>: grading.grade(...)} (and
     "pairs": how many own-rollout pairs it wrote)."""
     use_own_cores()
     hf = job.model if job.args is None else train_stage(job.args, code, echo)
-    tok, out = Tokenizer.from_pretrained(task["tokenizer"]), {"hf": hf}
-    model = grading.load_model(hf)
+    out = {"hf": hf}
+    if not job.splits and job.rollout_pairs is None:
+        return out
+    tok, model = Tokenizer.from_pretrained(job.task["tokenizer"]), grading.load_model(hf)
     for split in job.splits:
-        problems, suffix = grading.task_problems(task[split])
+        problems, suffix = grading.task_problems(job.task[split])
         out[split] = grading.grade(model, tok, problems[: limits.get(split)], suffix, budget)
     if job.rollout_pairs is not None:
-        out["pairs"] = grading.rollout_pairs(model, tok, task["rl"], budget, job.rollout_pairs)
+        out["pairs"] = grading.rollout_pairs(model, tok, job.task["rl"], budget, job.rollout_pairs)
     return out
 
 
@@ -134,8 +141,8 @@ def _pin_worker(cores) -> None:  # noqa: ANN001 (a multiprocessing queue)
 class Runner:
     """Runs waves of independent jobs (the module docstring): runner(jobs, desc) → their do_job results."""
 
-    def __init__(self, task: dict, budget: int, limits: dict, workers: int | None = None):
-        self.task, self.budget, self.limits, self.pool = task, budget, limits, None
+    def __init__(self, budget: int, limits: dict, workers: int | None = None):
+        self.budget, self.limits, self.pool = budget, limits, None
         self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.workers = min(workers or len(self.cores), len(self.cores))
         self.code = {n: code_digest(n) for n in {1, len(self.cores) or torch.get_num_threads()}}
@@ -143,10 +150,8 @@ class Runner:
     def __call__(self, jobs: list[Job], desc: str) -> list[dict]:
         if not self.cores or len(jobs) == 1:
             threads = len(self.cores) or torch.get_num_threads()
-            return [do_job(job, self.task, self.budget, self.limits, self.code[threads], echo=True)
-                    for job in jobs]
-        run = functools.partial(do_job, task=self.task, budget=self.budget, limits=self.limits,
-                                code=self.code[1])
+            return [do_job(job, self.budget, self.limits, self.code[threads], echo=True) for job in jobs]
+        run = functools.partial(do_job, budget=self.budget, limits=self.limits, code=self.code[1])
         if self.workers == 1:
             return self._pinned(run, jobs)
         if self.pool is None:  # a worker that dies raises BrokenProcessPool (a Pool would wait forever)

@@ -8,7 +8,7 @@ A stage of the embedded default is configured like any run (flags.resolve):
 and written to <stage dir>/stage.toml, every resolved value under its flag's name, so that the stage runs,
 and can be rerun by hand, as `python train.py --config <stage dir>/stage.toml` (runner.py). The flags a user
 gives apply to the stage --objective names; with a pair objective to every pair row, which are compared at
-equal settings, except the objectives' own knobs (--alpha stays with REDI, --beta with the objective named).
+equal settings, except the objectives' own knobs (--alpha stays with REDI, --beta with the row named).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import flags
 from losses import PAIR_OBJECTIVES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo": "dpo", "simpo": "simpo"}
+PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo": "dpo", "dpo-beta0.1": "dpo",
+             "simpo": "simpo"}  # the REDI comparison's rows and their objectives
 # train.py flags the demo reads itself and does not pass on (--resume becomes each stage's --resume-or-start)
 READ_HERE = ("out", "objective", "eval_limit", "resume", "resume_or_start", "recipe", "config")
 # settings that are not a stage's configuration: a file of them would re-read itself, or resume on every rerun
@@ -46,7 +47,7 @@ def user_flags_for(stage: str, named: str, given: dict) -> dict:
         return passed
     if not (named in PAIR_OBJECTIVES and stage in PAIR_ROWS):
         return {}
-    own = {"alpha": stage == "redi", "beta": PAIR_ROWS[stage] == named}  # objective flags stay with theirs
+    own = {"alpha": stage == "redi", "beta": stage == named}  # objective flags stay with their rows
     return {k: v for k, v in passed.items() if own.get(k, True)}
 
 
