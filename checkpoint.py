@@ -2,13 +2,13 @@
 
     ckpt = to_resume(out, resume=args.resume, or_start=args.resume_or_start)      # None: start fresh
     identity = run_identity(args, config, data); note = check_resume(ckpt, identity)   # before the model
-    save(out, step, model, optimizer, scheduler, sampler, generator, identity, rank=r, keep=2)
-    step = load(ckpt, model, optimizer, scheduler, sampler, generator, rank=r, lr=args.lr)
+    save(out, step, model, optimizer, scheduler, plan, generator, identity, rank=r, keep=2)
+    step = load(ckpt, model, optimizer, scheduler, plan, generator, rank=r, lr=args.lr)
     export_hf(model, config, tok, out / "hf", rank=r)
 
 A checkpoint is torch.distributed.checkpoint (DCP) shards of the model and optimiser (each rank writes its
 own FSDP2 shard; a run on another number of ranks can load them) plus, per rank, `rank<r>.pt` with the step,
-the scheduler, the sampler position and the RNG states, as plain tensors and numbers: it loads with
+the scheduler, the step plan's position and the RNG states, as plain tensors and numbers: it loads with
 `torch.load(weights_only=True)`, so a checkpoint directory from elsewhere cannot run code. It is written to
 ckpt/.tmp_step_<n> and renamed to ckpt/step_<n> once every rank has finished, so a kill at any point leaves
 the previous checkpoints whole; the newest `keep` are kept.
@@ -47,11 +47,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from errors import UserError, one_line
+from losses import OBJECTIVES
 from model import ModelConfig
 from model.hf import save_hf
 
 RUN_FILE = "run.json"
-REFUSED_FLAGS = ("seed", "batch_size")  # a resumed run's sampler plan depends on them
+REFUSED_FLAGS = ("seed", "batch_size")  # a resumed run's step plan depends on them
 UNCOMPARED_FLAGS = ("resume", "resume_or_start", "debug")  # how a run is started, not what it is
 
 
@@ -78,13 +79,14 @@ def run_identity(args: argparse.Namespace, config: ModelConfig, data) -> dict:  
     """What the run is, as plain JSON: objective, model config (+ sha256), data, flags (see the docstring)."""
     model_config = json.loads(json.dumps(dataclasses.asdict(config)))
     stats = getattr(data, "stats", {})
+    examples = OBJECTIVES[args.objective].data == "examples"  # --pack and --block-len apply to examples
     return {
         "objective": args.objective,
         "model_config": model_config,
         "model_config_sha256": hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest(),
         "data": {"path": str(args.data), "fingerprint": stats.get("fingerprint"), "units": len(data),
-                 "pack": args.pack if args.objective == "sft" else None,
-                 "block_len": args.block_len if args.objective == "sft" and args.pack == "stream" else None},
+                 "pack": args.pack if examples else None,
+                 "block_len": args.block_len if examples and args.pack == "stream" else None},
         "flags": json.loads(json.dumps(vars(args), default=str)),
     }
 
@@ -140,7 +142,7 @@ def read_json(path: Path):  # noqa: ANN201 (parsed JSON)
         raise UserError(f"{path}: not valid JSON ({one_line(e)})") from None
 
 
-def save(out: Path, step: int, model, optimizer, scheduler, sampler, generator: torch.Generator,
+def save(out: Path, step: int, model, optimizer, scheduler, plan, generator: torch.Generator,
          identity: dict, *, rank: int, keep: int) -> Path:
     """DCP shards + per-rank extras (+ run.json) into ckpt/.tmp_step_<n>, renamed to ckpt/step_<n> after all
     ranks."""
@@ -152,7 +154,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, sampler, generator: 
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    extra = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+    extra = {"step": step, "scheduler": scheduler.state_dict(), "sampler": plan.state_dict(),
              "generator": generator.get_state(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(extra, tmp / f"rank{rank}.pt")
@@ -165,7 +167,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, sampler, generator: 
     return final
 
 
-def load(path: Path, model, optimizer, scheduler, sampler, generator: torch.Generator, *, rank: int,
+def load(path: Path, model, optimizer, scheduler, plan, generator: torch.Generator, *, rank: int,
          lr: float) -> int:
     """Restore what `save` wrote (this rank's extras) and return the step it was taken at. `lr` (the run's
     --lr) becomes the base rate of the restored optimiser and scheduler, and the current rate is
@@ -183,7 +185,7 @@ def load(path: Path, model, optimizer, scheduler, sampler, generator: torch.Gene
     for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"], group["lr"] = lr, lr * f(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    sampler.load_state_dict(extra["sampler"])
+    plan.load_state_dict(extra["sampler"])
     generator.set_state(extra["generator"])
     torch.set_rng_state(extra["rng"])
     if extra["cuda_rng"] and torch.cuda.is_available():

@@ -9,9 +9,10 @@
 
 A problem's prompt is the chat template applied to one user message, the problem text followed by
 "\\n" + --prompt-suffix (default: "Please reason step by step, and put your final answer within \\boxed{}."
-for the named benchmarks, none for files such as the synthetic task's), plus "<think>\\n" with
---think-prefix. Each of the n completions is graded by data.rewards.math_reward (with --think-prefix the
-stored completion starts with that "<think>\\n", so the answer is what follows "</think>").
+for the five benchmarks, by name or as a file named like one; none for other files such as the synthetic
+task's), plus "<think>\\n" with --think-prefix. Each of the n completions is graded by
+data.rewards.math_reward (with --think-prefix the stored completion starts with that "<think>\\n", so the
+answer is what follows "</think>").
 
 Metrics over a benchmark's P problems, problem i having c_i correct of n completions:
     pass@1        = (1/P) sum_i c_i / n                               (the mean over the n samples)
@@ -35,14 +36,15 @@ correct and one incorrect completion: the first correct and the first incorrect 
 data.recipes.openr1.select_chosen_rejected), prompt = the user message sampled from. That is the pairs
 format `train.py --objective dpo|simpo|redi` reads.
 
-Benchmarks (--benchmark, several allowed, `all` = the five REDI ones): a name resolves to
-../shared/benchmarks/<name>.jsonl when present (data.benchmarks), else to its hub dataset (HUB_DATASETS);
-a path to a JSONL file; `hub:owner/name` to that hub dataset's test split (needs network and
-huggingface_hub).
+Benchmarks (--benchmark, several allowed, `all` = the five REDI ones; data/benchmarks.py): a name reads
+DIR/<name>.jsonl where a local copy is given (--benchmark-dir DIR, or NANOREASON_BENCHMARKS=DIR), else its
+hub dataset (network and huggingface_hub; `python -m data.benchmarks --out DIR all` saves local copies); a
+path reads that JSONL file; `hub:owner/name` that hub dataset's test split. A benchmark gets its prompt
+suffix however it is given (a file named math500.jsonl gets what --benchmark math500 gets).
 
-From code: `from eval import evaluate, evaluate_shards, load_problems` (no side effects on import); training's
-in-run evaluation is `evaluate_shards` on `load_problems(--eval-data)` with that benchmark's prompt suffix, so
-a model scores the same on the same problems through train.py and through eval.py.
+From code: `from eval import evaluate, evaluate_shards` (no side effects on import); training's in-run
+evaluation is `evaluate_shards` on `data.benchmarks.load_problems(--eval-data)` with that benchmark's prompt
+suffix, so a model scores the same on the same problems through train.py and through eval.py.
 """
 
 from __future__ import annotations
@@ -62,20 +64,11 @@ import torch
 
 import errors
 from data import prompts
-from data.benchmarks import BENCHMARKS, Problem, benchmark_path, load_benchmark
+from data.benchmarks import BENCHMARKS, LOCAL_ENV, Problem, load_problems
 from data.recipes.openr1 import select_chosen_rejected
 from data.rewards import answer_text, extract_boxed, math_reward
+from flags import HelpFormatter
 from model.generate import generate
-
-# hub datasets for users with network and no local copy (hub:owner/name picks another)
-HUB_DATASETS = {
-    "math500": "HuggingFaceH4/MATH-500",
-    "aime24": "HuggingFaceH4/aime_2024",
-    "amc23": "math-ai/amc23",
-    "minerva": "math-ai/minervamath",
-    "olympiadbench": "math-ai/olympiadbench",
-}
-
 
 # ---- metrics -------------------------------------------------------------------------------------------
 
@@ -292,53 +285,6 @@ def preference_pairs(results: Sequence[ProblemResult], prompt_suffix: str = "") 
 # ---- the command line ----------------------------------------------------------------------------------
 
 
-def load_problems(spec: str) -> tuple[str, list[Problem], str]:
-    """--benchmark item -> (name, problems, default prompt suffix)."""
-    if spec.startswith("hub:"):
-        return spec, load_benchmark(_download_hub_benchmark(spec[4:])), prompts.default_suffix(True)
-    path = benchmark_path(spec)
-    if spec in BENCHMARKS:
-        if not path.is_file():
-            path = _download_hub_benchmark(HUB_DATASETS[spec])
-        return spec, load_benchmark(path), prompts.default_suffix(True)
-    if not path.is_file():
-        raise FileNotFoundError(f"--benchmark {spec}: not a benchmark name ({', '.join(BENCHMARKS)}, all), "
-                                "not a file, not hub:owner/name")
-    return spec, load_benchmark(path), prompts.default_suffix(False)
-
-
-def _download_hub_benchmark(repo: str) -> Path:
-    """A hub dataset's test split (else its only data file) as JSONL under ~/.cache/nanoreason/benchmarks."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"hub dataset {repo}: huggingface_hub is not installed") from None
-    suffixes = (".jsonl", ".json", ".parquet")
-    try:
-        local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=[f"*{s}" for s in suffixes]))
-    except Exception as e:  # noqa: BLE001 (offline, unknown repository, gated, ...: the hub's many errors)
-        raise FileNotFoundError(f"hub dataset {repo}: the download failed ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    files = sorted(p for p in local.rglob("*") if p.suffix in suffixes)
-    tests = [p for p in files if "test" in p.name] or files
-    if len(tests) != 1:
-        raise FileNotFoundError(f"hub dataset {repo}: expected one test file, found {list(map(str, tests))}")
-    source = tests[0]
-    if source.suffix == ".jsonl":
-        return source
-    rows = json.loads(source.read_text()) if source.suffix == ".json" else _parquet_rows(source)
-    out = Path.home() / ".cache" / "nanoreason" / "benchmarks" / f"{repo.replace('/', '--')}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
-    return out
-
-
-def _parquet_rows(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
 def markdown_table(report: dict) -> str:
     """One row per benchmark and the overall mean: pass@1 ± stderr, maj@n, pass@k."""
     ks = sorted({k for b in report["benchmarks"].values() for k in b["pass@k"]}, key=int)
@@ -378,11 +324,15 @@ def _benchmark_entry(results: list[ProblemResult], prompt_suffix: str) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = errors.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    p = errors.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                              formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     p.add_argument("--benchmark", nargs="+", required=True,
                    help=f"names ({', '.join(BENCHMARKS)}), `all`, JSONL paths, or hub:owner/name")
+    p.add_argument("--benchmark-dir", type=Path, default=None,
+                   help=f"a directory of local copies, <name>.jsonl, read for the benchmark names instead of "
+                        f"the hub (default: ${LOCAL_ENV} where set)")
     p.add_argument("--n", type=int, default=16, help="completions per problem")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
@@ -397,7 +347,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     p.add_argument("--out", required=True, help="JSON with metrics and every completion (resumed if present)")
     p.add_argument("--pairs-out", help="also write (chosen, rejected) preference pairs here (JSONL)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs: cuda, cuda:<i> or cpu (default: cuda when a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
@@ -436,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise errors.UserError(f"{out}: written with another config; differing (theirs, ours): "
                                    f"{differing}. Use another --out or the same settings.")
     specs = [s for spec in args.benchmark for s in (BENCHMARKS if spec == "all" else (spec,))]
-    benchmarks = [load_problems(spec) for spec in specs]
+    benchmarks = [load_problems(spec, benchmark_dir=args.benchmark_dir) for spec in specs]
 
     model = Transformer.from_pretrained(args.model, dtype=getattr(torch, dtype), device=args.device)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)

@@ -2,11 +2,13 @@
 
     the flags' defaults  ←  --recipe NAME (recipes/NAME.toml)  ←  --config FILE (TOML)  ←  the flags given
 
-each overriding the one before; a pair objective's own defaults (losses.PAIR_OBJECTIVES, e.g. DPO's β 0.1)
-fill what is still unset. A TOML file holds flag values under the flags' names (`batch-size = 32` or
+each overriding the one before; the objective's own defaults (losses.OBJECTIVES, e.g. DPO's β 0.1) fill
+what is still unset. `python train.py --recipe redi --print-config` prints the result as a TOML file that
+--config reads back. A TOML file holds flag values under the flags' names (`batch-size = 32` or
 `batch_size = 32`); an unknown name, or a value of the wrong type, is an error that names the file. The
 embedded default (the `embedded` package) builds every stage the same way, its stage recipes as the layer
-between the defaults and the flags, and runs it as `train.py --config <stage>/stage.toml`. The resolved
+between the defaults and the flags, and runs it as `train.py --config <stage>/stage.toml` (as_toml's file).
+A recipe may also be named by its path. `--help` shows every flag's default (`HelpFormatter`). The resolved
 values are then checked once (`validate`): each numeric flag against its legal range in LEGAL, and the
 flags that only make sense together; a value out of range is an errors.UserError naming the flag and the
 range.
@@ -15,25 +17,59 @@ range.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import tomllib
 from pathlib import Path
 
 from errors import DEBUG_HELP, ArgumentParser, UserError, check_ranges
-from losses import PAIR_OBJECTIVES
+from losses import OBJECTIVES
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+ROOT = Path(__file__).resolve().parent
+RECIPES = ROOT / "recipes"
+CHAT_TEMPLATES = ROOT / "data" / "chat_templates"
 DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo."
 EMBEDDED = ("no --data, --model or --init: the embedded default (python train.py --objective redi | --recipe "
             "phi-embedded); its own flags (--seeds, --draws, --lr-grid, ...): python -m embedded --help")
+NOT_CONFIG = ("recipe", "config", "print_config", "debug")  # how a run is configured, not what it is
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default after its help: "(default: 0.0001)", "(default: off)" for a switch,
+    "(no default)" for a flag that is unset unless given; help text that states its default already (in
+    words, e.g. "default: --init's config") is shown as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").replace(" (default: %(default)s)", "")  # BooleanOptionalAction's own
+        if not action.option_strings or action.default is argparse.SUPPRESS or re.search("default[: ]", text):
+            return text
+        if action.required:
+            return f"{text} (required)"
+        return f"{text} ({default_text(action.default)})"
+
+
+def default_text(value) -> str:  # noqa: ANN001 (a flag's default)
+    """A flag's default as --help shows it."""
+    if value is None:
+        return "no default"
+    if isinstance(value, bool):
+        return f"default: {'on' if value else 'off'}"
+    if isinstance(value, list | tuple):
+        return "default: " + " ".join(map(str, value))
+    return f"default: {value}".replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EMBEDDED,
-                       formatter_class=argparse.RawTextHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
-    p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())})")
+    p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())}), "
+                   "or a recipe file's path")
     p.add_argument("--config", type=Path, help="a TOML file of flag values (names with - or _); flags win")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (defaults, recipe, config, flags) as TOML and exit: a "
+                   "file --config reads")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="HF dir, hub name or preset (tiny, qwen2.5-1.5b, ...); default: --init's "
                    "config, else tiny")
@@ -42,11 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template", type=Path, help="a .jinja chat template instead of the tokenizer's "
                    "(saved with the export), e.g. data/chat_templates/qwen2.5-math.jinja: Qwen2.5-Math's, "
                    "which REDI trained with")
+    g.add_argument("--paper-chat-template", choices=sorted(t.stem for t in CHAT_TEMPLATES.glob("*.jinja")),
+                   help="the chat template a recipe's paper trained with (data/chat_templates/): a warning "
+                   "when the run's renders a conversation otherwise")
     g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none (and no --model, --init): "
                    "the embedded default")
     g.add_argument("--out", type=Path, help="run directory (default: runs/<objective>)")
-    g.add_argument("--rope-theta", type=float, help="override the model's rope_theta")
-    g.add_argument("--max-position-embeddings", type=int, help="override the model's max positions")
+    g.add_argument("--rope-theta", type=float, help="raise the model's rope_theta to this (never lowered: a "
+                   "larger one is kept; either way logged)")
+    g.add_argument("--max-position-embeddings", type=int, help="raise the model's max positions to this "
+                   "(never lowered; logged)")
     g.add_argument("--max-len", type=int, default=4096, help="longest example (prompt + completion), tokens")
     g.add_argument("--max-prompt-len", type=int, help="drop examples with longer prompts (REDI: 800)")
     g.add_argument("--truncation", choices=("drop", "keep_end", "keep_start"), default="drop",
@@ -186,11 +227,12 @@ def validate(values: dict) -> None:
 
 
 def objectives() -> tuple[str, ...]:
-    """sft, the pair objectives of losses.PAIR_OBJECTIVES, grpo."""
-    return ("sft", *PAIR_OBJECTIVES, "grpo")
+    """The objectives of losses.OBJECTIVES."""
+    return tuple(OBJECTIVES)
 
 
 def recipe_names() -> list[str]:
+    """The recipes a user is offered: recipes/*.toml (the embedded default's stages are embedded/recipes/)."""
     return sorted(p.stem for p in RECIPES.glob("*.toml"))
 
 
@@ -228,9 +270,9 @@ def toml_value(action: argparse.Action, value, where: str):  # noqa: ANN001, ANN
     return kind(value)
 
 
-def recipe(name: str, parser: argparse.ArgumentParser | None = None) -> dict:
-    """recipes/<name>.toml as {dest: value}."""
-    path = RECIPES / f"{name}.toml"
+def recipe(name: str | Path, parser: argparse.ArgumentParser | None = None) -> dict:
+    """recipes/<name>.toml, or the recipe file at a path (one ending in .toml), as {dest: value}."""
+    path = Path(name) if str(name).endswith(".toml") else RECIPES / f"{name}.toml"
     if not path.is_file():
         raise UserError(f"--recipe {name}: no {path} (recipes: {', '.join(recipe_names())})")
     return read_toml(path, parser or build_parser())
@@ -239,9 +281,9 @@ def recipe(name: str, parser: argparse.ArgumentParser | None = None) -> dict:
 def given_flags(argv: list[str]) -> dict:
     """Only the flags the command line sets, {dest: value} (validated and typed by the parser)."""
     parser = build_parser()
-    unset = object()
-    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return {k: v for k, v in vars(given).items() if v is not unset}
 
 
 def resolve(given: dict, *layers: dict) -> argparse.Namespace:
@@ -252,13 +294,34 @@ def resolve(given: dict, *layers: dict) -> argparse.Namespace:
     stack += [*layers, read_toml(given["config"], parser) if given.get("config") else {}, given]
     for layer in stack:
         values.update(layer)
-    if values["objective"] in PAIR_OBJECTIVES:  # the objective's own defaults, unless set above
-        for key, value in PAIR_OBJECTIVES[values["objective"]].defaults.items():
-            if values[key] is None:
-                values[key] = value
+    for key, value in OBJECTIVES[values["objective"]].defaults.items():  # unless set above
+        if values[key] is None:
+            values[key] = value
     validate(values)
     return argparse.Namespace(**values)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return resolve(given_flags(sys.argv[1:] if argv is None else argv))
+
+
+def as_toml(args: argparse.Namespace) -> str:
+    """The resolved settings as a TOML file that --config reads back to the same values: every flag but
+    NOT_CONFIG's; an unset one (None) as a comment, since TOML has no null."""
+    lines = ["# python train.py --print-config: defaults <- recipe <- --config <- flags, resolved"]
+    for key, value in vars(args).items():
+        if key not in NOT_CONFIG:
+            name = key.replace("_", "-")
+            lines.append(f"# {name} (unset)" if value is None else f"{name} = {toml_literal(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_literal(value) -> str:  # noqa: ANN001 (a flag's value)
+    """A flag value as a TOML literal: true/false, a number, a list, a string (a path as its string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # TOML writes 1e-06, 300000.0, inf and nan as Python does
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string

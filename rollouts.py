@@ -1,14 +1,14 @@
 """GRPO's sampling side: the unsharded sampling copy, groups of completions and their rewards, prompt
-filtering, dynamic sampling. train.py trains on what `collect` returns.
+filtering, dynamic settings. train.py trains on what `collect` returns.
 
     copy = sampling_copy(model, config, device, torch.bfloat16)     # once; sync_copy(model, copy) every step
-    rollouts, stats = collect(copy, tok, problems, sampler, sampling, temperature, generator, ...)
+    rollouts, stats = collect(copy, tok, problems, plan, settings, temperature, generator, ...)
     batch = collate(rollouts, units)                                # unit i = prompt + completion i
 
 A group is the `group_size` completions of one prompt, rows g·G .. g·G + G − 1. Rewards: 1 when
 math_reward accepts the completion's answer (graded on data.prompts.completion_text, as eval.py grades),
 else `wrong_reward` (Phi-4-mini-reasoning: −1), plus DAPO's soft overlong penalty with `overlong_cache`.
-The sampler's per-token log-probs ride along as log π_old (train.py's off-policy updates).
+The sampling copy's per-token log-probs ride along as log π_old (train.py's off-policy updates).
 
 Dynamic sampling (DAPO; Phi-4-mini-reasoning's rebalancing): groups whose rewards are all equal carry no
 advantage; they are dropped and more prompts are drawn until `groups_wanted` remain over all ranks or the
@@ -54,8 +54,8 @@ def sync_copy(model, copy: Transformer) -> None:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """How a group is sampled and scored (train.py's flags of the same names)."""
+class RolloutSettings:
+    """How a group of completions is sampled and scored (train.py's flags of the same names)."""
 
     group_size: int
     max_new_tokens: int
@@ -69,8 +69,8 @@ class Sampling:
 @dataclass
 class Rollouts:
     """Sampled completions, row i of group i // group_size. A dataset for data.packing.collate: unit i is
-    prompt i + completion i with loss on the completion; `old_logps(units)` lines the sampler's log-probs up
-    with collate's targets (the token before each completion token predicts it)."""
+    prompt i + completion i with loss on the completion; `old_logps(units)` lines the sampling copy's
+    log-probs up with collate's targets (the token before each completion token predicts it)."""
 
     prompts: list[list[int]]
     completions: list[list[int]]
@@ -129,44 +129,45 @@ def rollout_temperature(start: float, end: float | None, anneal_steps: int, step
     return start + (end - start) * min(1.0, step / max(1, anneal_steps))
 
 
-def sample_groups(copy: Transformer, tok, problems, units, sampling: Sampling, temperature: float,  # noqa: ANN001
+def sample_groups(copy: Transformer, tok, problems, units, settings: RolloutSettings, temperature: float,  # noqa: ANN001
                   generator: torch.Generator) -> Rollouts:
     """group_size completions for each problem of `units` (data.datasets.RLExample), and their rewards."""
     stop = stop_ids(tok)
     prompts = [problems[i].prompt_ids for i in units]
-    gen = generate(copy, prompts, max_new_tokens=sampling.max_new_tokens, n=sampling.group_size,
-                   temperature=temperature, top_p=sampling.top_p, eos_ids=stop, generator=generator,
-                   batch_size=max(sampling.group_size, sampling.batch_size))
-    answers = [problems[i].answer for i in units for _ in range(sampling.group_size)]
-    texts = [completion_text(tok, ids, done, stop, sampling.think_prefix)
+    gen = generate(copy, prompts, max_new_tokens=settings.max_new_tokens, n=settings.group_size,
+                   temperature=temperature, top_p=settings.top_p, eos_ids=stop, generator=generator,
+                   batch_size=max(settings.group_size, settings.batch_size))
+    answers = [problems[i].answer for i in units for _ in range(settings.group_size)]
+    texts = [completion_text(tok, ids, done, stop, settings.think_prefix)
              for ids, done in zip(gen.tokens, gen.finished, strict=True)]
     correct = torch.tensor([math_reward(t, a) == 1.0 for t, a in zip(texts, answers, strict=True)])
-    rewards = torch.where(correct, 1.0, sampling.wrong_reward)
-    if sampling.overlong_cache:
+    rewards = torch.where(correct, 1.0, settings.wrong_reward)
+    if settings.overlong_cache:
         lengths = torch.tensor([len(t) for t in gen.tokens], dtype=torch.float32)
-        rewards = rewards + overlong_penalty(lengths, sampling.max_new_tokens, sampling.overlong_cache)
-    return Rollouts([p for p in prompts for _ in range(sampling.group_size)], gen.tokens, gen.logps,
+        rewards = rewards + overlong_penalty(lengths, settings.max_new_tokens, settings.overlong_cache)
+    return Rollouts([p for p in prompts for _ in range(settings.group_size)], gen.tokens, gen.logps,
                     rewards.float(), correct.float(),
-                    torch.tensor([not f for f in gen.finished], dtype=torch.float32), sampling.group_size,
+                    torch.tensor([not f for f in gen.finished], dtype=torch.float32), settings.group_size,
                     tok.pad_id)
 
 
-def collect(copy: Transformer, tok, problems, sampler, sampling: Sampling, temperature: float,  # noqa: ANN001
+def collect(copy: Transformer, tok, problems, plan, settings: RolloutSettings, temperature: float,  # noqa: ANN001
             generator: torch.Generator, *, groups_wanted: int, dynamic: bool, rounds: int, rank: int,
             world: int) -> tuple[Rollouts, dict]:
     """This rank's groups for one step (each rank samples its share rank::world of the step's prompts) and the
     step's sampling stats over all ranks. With `dynamic`, all-equal groups are dropped and more prompts are
-    drawn (the sampler advances) until `groups_wanted` groups are kept over all ranks, or `rounds` rounds."""
+    drawn (the step plan advances) until `groups_wanted` groups are kept over all ranks, or `rounds`
+    rounds."""
     device = next(copy.parameters()).device
     kept, seen = [], []
     for _ in range(rounds if dynamic else 1):
-        units = sampler.next_units()[rank::world]
-        groups = sample_groups(copy, tok, problems, units, sampling, temperature, generator)
+        units = plan.next_units()[rank::world]
+        groups = sample_groups(copy, tok, problems, units, settings, temperature, generator)
         seen.append(groups)
         if not dynamic:
             kept.append(groups)
             break
-        kept.append(groups.select(groups.rewards.view(-1, sampling.group_size).std(1) > 0))
+        kept.append(groups.select(groups.rewards.view(-1, settings.group_size).std(1) > 0))
         count = torch.tensor([float(sum(k.num_groups for k in kept))], device=device)
         dist.all_reduce(count)
         if count.item() >= groups_wanted:
@@ -184,7 +185,7 @@ def collect(copy: Transformer, tok, problems, sampler, sampling: Sampling, tempe
     return kept, stats
 
 
-def filter_prompts(copy: Transformer, tok, problems, sampling: Sampling, *, samples: int,  # noqa: ANN001
+def filter_prompts(copy: Transformer, tok, problems, settings: RolloutSettings, *, samples: int,  # noqa: ANN001
                    min_pass: float, max_pass: float, temperature: float, seed: int, rank: int, world: int,
                    path: Path) -> list[int]:
     """Indices of the problems whose pass rate over `samples` completions of the initial model lies in
@@ -196,8 +197,8 @@ def filter_prompts(copy: Transformer, tok, problems, sampling: Sampling, *, samp
         rates = torch.zeros(len(problems), dtype=torch.float64, device=device)
         mine = list(range(rank, len(problems), world))
         generator = torch.Generator(device=device).manual_seed(seed + 1000 + rank)
-        once = replace(sampling, group_size=samples, overlong_cache=0)
-        per_call = max(1, sampling.batch_size // samples)
+        once = replace(settings, group_size=samples, overlong_cache=0)
+        per_call = max(1, settings.batch_size // samples)
         for start in tqdm(range(0, len(mine), per_call), desc="prompt filtering", disable=rank != 0):
             chunk = mine[start:start + per_call]
             groups = sample_groups(copy, tok, problems, chunk, once, temperature, generator)

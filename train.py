@@ -5,18 +5,24 @@
         --data sft.jsonl --out runs/sft
     torchrun --nproc_per_node 8 train.py --recipe redi --init runs/sft/hf --data pairs.jsonl --out runs/redi
     python train.py --recipe redi --config mine.toml --lr 2e-6   # defaults ← recipe ← TOML file ← flags
+    python train.py --recipe redi --print-config                 # the resolved settings, as a --config file
 
 Configuration (flags.py): the flags' defaults ← --recipe (recipes/<name>.toml, the papers' numbers) ←
---config (a TOML file) ← the flags given; the embedded default's stages are recipes too.
+--config (a TOML file) ← the flags given.
 
-Reading order: setup (processes, model, data) → the loop (one optimiser update per step for sft / dpo /
-simpo / redi, --updates-per-rollout per step for GRPO, all through `optimizer_step`) → save (checkpoints
-while training, the HF export at the end).
+Reading order: setup (data, the sharded model from parallel.py, optimiser) → the loop (`run_step`: one
+optimiser update per step for objectives trained on examples or pairs, `offline_update`; --updates-per-
+rollout per step for GRPO, `grpo_update`; every update through `optimizer_step`) → save (checkpoints while
+training, the HF export at the end). What the loop knows of an objective is its row of losses.OBJECTIVES:
+its data, its loss unit, whether it is linear in the log-probs, whether it needs reference log-probs, and
+its loss, which `forward_loss` calls. From `--objective redi` to the formula: main → train → run_step →
+offline_update → forward_loss → OBJECTIVES["redi"] (losses/__init__.py) → redi_loss (losses/redi.py).
 
-Data flow: data/ → PackedBatch (flat tokens + cu_seqlens) → model(tokens, cu_seqlens, targets=…) → log π per
-token, fp32, from the lm head without the T×V logits (kernels/) → per-sequence sums → losses/<objective>.py.
-A loss linear in the log-probs (sft, redi, GRPO with one update per rollout) has its gradient per log-prob
-read off first, so the lm head runs as one weighted cross-entropy: 3 GEMMs instead of 4 on CUDA.
+Data flow: data/ → PackedBatch (flat tokens + cu_seqlens; pairs named by chosen_doc / rejected_doc) →
+model(tokens, cu_seqlens, targets=…) → log π per token, fp32, from the lm head without the T×V logits
+(kernels/) → the objective's loss (losses/). A loss linear in the log-probs (sft, redi, GRPO with one
+update per rollout) has its gradient per log-prob read off first (`token_weights`), so the lm head runs as
+one weighted cross-entropy: 3 GEMMs instead of 4 on CUDA.
 
 Loss normalisation: a loss is a local mean over its unit (tokens for sft, pairs for dpo/simpo/redi,
 sequences or tokens for grpo); each micro-batch's loss is weighted by (its units / the step's units over all
@@ -40,97 +46,70 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import checkpoint
 import errors
+import flags
 import rollouts
+from data.benchmarks import load_problems
 from data.datasets import load_pairs, load_rl, load_sft
-from data.packing import StepSampler, best_fit_decreasing, collate, deal, pack_stream
+from data.packing import PackedBatch, StepPlan, best_fit_decreasing, collate, deal, pack_stream
 from data.tokenizer import Tokenizer
-from eval import evaluate_shards, load_problems
-from flags import build_parser, parse_args, read_toml
-from losses import PAIR_OBJECTIVES, PairLogps, group_advantages, grpo_loss, grpo_loss_unit, sft_loss
+from eval import evaluate_shards
+from flags import parse_args
+from losses import OBJECTIVES, LossBatch, Objective, group_advantages
 from metrics import MetricsLog, peak_flops, train_flops
 from model import ModelConfig, Transformer
-from model.hf import load_hf_weights, resolve_checkpoint
+from model.hf import resolve_checkpoint
+from parallel import Dist, build_model, setup_distributed
 
 log = logging.getLogger("train")
 
 # ---------------------------------------------------------------------------------------------------------
-# Setup: processes, model, optimiser, data
+# Setup: the model's settings, the schedule, the data (processes and the sharded model: parallel.py)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    mesh: object
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """torchrun → its process group; a plain `python` → a group of one, so the same FSDP2 code runs either
-    way (nccl on CUDA, gloo on CPU). On CPU each process gets its share of the cores as intra-op threads:
-    oversubscribed threads make small models many times slower, and a fixed count keeps runs bit-exact."""
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // local))
-    return Dist(rank, world, device, init_device_mesh(device.type, (world,)))
-
-
 def model_config(args: argparse.Namespace) -> ModelConfig:
+    """--model / --init's config (or a preset), its rope_theta and max positions raised to --rope-theta and
+    --max-position-embeddings, never lowered (ModelConfig.raised); rank 0 logs each value given."""
     source = args.model or args.init or "tiny"
     if Path(source).exists() or "/" in source:
         config = ModelConfig.from_hf(resolve_checkpoint(source))
     else:
         config = ModelConfig.preset(source)
-    changes = {k: getattr(args, k) for k in ("rope_theta", "max_position_embeddings") if getattr(args, k)}
-    return config.replace(**changes) if changes else config
+    config, notes = config.raised(rope_theta=args.rope_theta,
+                                  max_position_embeddings=args.max_position_embeddings)
+    for note in notes if not dist.is_initialized() or dist.get_rank() == 0 else ():
+        log.info("%s: %s", source, note)
+    return config
 
 
-def build_model(args: argparse.Namespace, config: ModelConfig, d: Dist) -> Transformer:
-    """Meta-device init → fully_shard per block, then the root → allocate → load --init (or random init)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.activation_checkpointing = args.activation_checkpointing
-    if args.compile:
-        for block in model.layers:
-            block.compile()
-    model.to(torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if args.precision == "bf16-mixed" else MixedPrecisionPolicy())
-    for block in model.layers:
-        fully_shard(block, mesh=d.mesh, mp_policy=mp)
-    fully_shard(model, mesh=d.mesh, mp_policy=mp)
-    model.to_empty(device=d.device)
-    if args.init:
-        load_hf_weights(model, resolve_checkpoint(args.init))
-    else:  # the same full init on every rank, whatever the world size, then each keeps its shard
-        full = Transformer(config)
-        full.init_weights(torch.Generator().manual_seed(args.seed))
-        set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
-    return model
+def log_chat_template(args: argparse.Namespace, tok: Tokenizer) -> None:
+    """Which chat template the run trains with and what it replaced; a warning where it writes a test
+    conversation unlike the template the recipe's paper trained with (--paper-chat-template)."""
+    source = args.tokenizer or args.init or args.model
+    if args.chat_template:
+        same = rendered(Tokenizer.from_pretrained(source)) == rendered(tok)
+        log.info("chat template: %s replaces %s's own (which writes %s text)", args.chat_template, source,
+                 "the same" if same else "other")
+    else:
+        log.info("chat template: %s's own", source)
+    if args.paper_chat_template:
+        paper = flags.CHAT_TEMPLATES / f"{args.paper_chat_template}.jinja"
+        if rendered(Tokenizer.from_pretrained(source, paper)) != rendered(tok):
+            log.warning("chat template: the run's writes a conversation unlike %s, which the recipe's "
+                        "paper trained with: --chat-template %s trains as it did", paper.stem, paper)
+
+
+def rendered(tok: Tokenizer) -> str | None:
+    """A test conversation as the tokenizer's chat template writes it (None: no template renders it)."""
+    try:
+        return tok.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"},
+                                        {"role": "assistant", "content": "2"}], tokenize=False)
+    except errors.USER_ERRORS:
+        return None
 
 
 def lr_lambda(args: argparse.Namespace, total_steps: int):
@@ -150,15 +129,17 @@ def lr_lambda(args: argparse.Namespace, total_steps: int):
 
 
 def load_data(args: argparse.Namespace, tok: Tokenizer, cache_dir: Path):
-    """The objective's data: RL problems for grpo, else a tokenized dataset (cached; data/datasets.py)."""
-    if args.objective == "grpo":
+    """The objective's data (its `data` in losses.OBJECTIVES): RL problems for rollouts, else a tokenized
+    dataset of examples (stream-packed with --pack stream) or of pairs (cached; data/datasets.py)."""
+    kind = OBJECTIVES[args.objective].data
+    if kind == "rollouts":
         return load_rl(args.data, tok, max_prompt_len=args.max_prompt_len, think_prefix=args.think_prefix,
                        skip_bad=args.skip_bad, prompt_suffix=args.prompt_suffix or "")
     common = dict(max_len=args.max_len, max_prompt_len=args.max_prompt_len, truncation=args.truncation,
                   length_rule=args.length_rule, completion_end=args.completion_end,
                   think_prefix=args.think_prefix, skip_bad=args.skip_bad, cache_dir=cache_dir,
                   num_workers=args.num_workers)
-    if args.objective in PAIR_OBJECTIVES:
+    if kind == "pairs":
         return load_pairs(args.data, tok, **common)
     dataset = load_sft(args.data, tok, **common)
     return pack_stream(dataset, args.block_len) if args.pack == "stream" else dataset
@@ -181,65 +162,55 @@ def evaluation(copy: Transformer, tok: Tokenizer, problems: list, options: dict,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Objectives: per-token log-probs → the loss (losses/)
+# Objectives: a micro-batch's forward → per-token log-probs → its objective's loss (losses.OBJECTIVES)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def token_logps(model: Transformer, batch, **options):
+def token_logps(model: Transformer, batch: PackedBatch, **options):
     """log π(target) per token, fp32 [T], 0 where targets == -100 (computed inside the FSDP root forward);
     `options`: the forward's temperature / return_entropy / token_weights."""
     return model(batch.tokens, batch.cu_seqlens, positions=batch.positions, max_seqlen=batch.max_seqlen,
                  targets=batch.targets, **options)
 
 
-def forward_loss(model: Transformer, batch, loss_of, linear: bool, **options) -> tuple:
-    """(loss, stats, detached logp [T], entropy or None) of loss_of(logp) -> (scalar, stats).
-
-    linear: ∂loss/∂logp_t does not depend on the log-probs, so it is read off at logp = 0 first (autograd
-    over [T], no model), and the lm head runs as the weighted cross-entropy Σ_t w_t·(−logp_t) with
-    w = −∂loss/∂logp (3 GEMMs on CUDA); the value is loss_of on the detached log-probs."""
-    if not linear:
-        out = token_logps(model, batch, **options)
-        logp, entropy = out if options.get("return_entropy") else (out, None)
-        loss, stats = loss_of(logp)
-        return loss, stats, logp.detach(), entropy
-    zeros = torch.zeros(batch.tokens.shape, device=batch.tokens.device, requires_grad=True)
-    (grad,) = torch.autograd.grad(loss_of(zeros)[0], zeros, allow_unused=True)
-    weights = torch.zeros_like(zeros) if grad is None else -grad
-    ce, logp, *entropy = token_logps(model, batch, token_weights=weights, **options)
-    value, stats = loss_of(logp)
-    return ce - ce.detach() + value.detach(), stats, logp, entropy[0] if entropy else None
+def loss_batch(batch: PackedBatch, **extras) -> LossBatch:
+    """The micro-batch as its objective's loss sees it: loss mask, documents, pairs (+ `extras`)."""
+    return LossBatch(batch.targets != -100, batch.seq_id, batch.cu_seqlens.shape[0] - 1, batch.chosen_doc,
+                     batch.rejected_doc, **extras)
 
 
-def pair_logps(logp: torch.Tensor, batch, ref: torch.Tensor | None) -> PairLogps:
-    """Per-pair sums and lengths of a pair batch, and the reference's sums of its pairs (DPO)."""
-    return PairLogps.of_packed(logp, batch.seq_id, batch.targets != -100, batch.cu_seqlens.shape[0] - 1,
-                               ref[batch.doc_index[0::2]] if ref is not None else None)
+def token_weights(objective: Objective, inputs: LossBatch, hp: argparse.Namespace) -> torch.Tensor:
+    """w_t = −∂loss/∂logp_t of an objective linear in the log-probs, read off its loss by autograd at logp = 0
+    (over [T], without the model): a linear function's derivative is the same at every point, so w is the
+    loss file's own formula, never restated. Σ_t w_t·(−logp_t) then has the loss's gradient."""
+    zeros = torch.zeros(inputs.loss_mask.shape, device=inputs.loss_mask.device, requires_grad=True)
+    (grad,) = torch.autograd.grad(objective(zeros, inputs, hp)[0], zeros, allow_unused=True)
+    return torch.zeros_like(zeros) if grad is None else -grad
 
 
-def offline_loss_of(args: argparse.Namespace, batch, ref: torch.Tensor | None):
-    """logp [T] -> (the objective's local mean, detached per-unit sums for the log)."""
-    if args.objective == "sft":
-        mask = batch.targets != -100
-        return lambda logp: ((loss := sft_loss(logp, mask)), {"loss": loss.detach() * batch.num_loss_tokens})
-    objective = PAIR_OBJECTIVES[args.objective]
+def forward_loss(model: Transformer, objective: Objective, batch: PackedBatch, inputs: LossBatch,
+                 hp: argparse.Namespace, **options) -> tuple:
+    """One micro-batch's forward and its objective's loss → (the loss to backpropagate, the stats the loss
+    returned, the detached log-probs [T], the entropies [T] or None); `options`: temperature / return_entropy.
 
-    def loss_of(logp: torch.Tensor):
-        pairs = pair_logps(logp, batch, ref)
-        loss = objective.loss(pairs, args)
-        c = (pairs.chosen / pairs.chosen_lens.clamp(min=1)).detach()
-        r = (pairs.rejected / pairs.rejected_lens.clamp(min=1)).detach()
-        return loss, {"loss": loss.detach() * c.shape[0], "chosen_logp": c.sum(), "rejected_logp": r.sum(),
-                      "margin": (c - r).sum(), "pair_acc": (c > r).float().sum()}
-
-    return loss_of
+    A linear objective: the lm head runs as the weighted cross-entropy ce = Σ_t w_t·(−logp_t), w =
+    `token_weights` (3 GEMMs on CUDA), whose gradient is the loss's; the value is the loss's own."""
+    if objective.linear_for(hp):
+        weights = token_weights(objective, inputs, hp)
+        ce, logp, *entropy = token_logps(model, batch, token_weights=weights, **options)
+        loss, stats = objective(logp, inputs, hp)
+        return ce - ce.detach() + loss.detach(), stats, logp, entropy[0] if entropy else None
+    out = token_logps(model, batch, **options)
+    logp, entropy = out if options.get("return_entropy") else (out, None)
+    loss, stats = objective(logp, inputs, hp)
+    return loss, stats, logp.detach(), entropy
 
 
 @torch.no_grad()
 def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path, initial: bool):
-    """DPO's π_ref(y|x) sums, [num_pairs, 2] (chosen, rejected; NaN where not needed), computed by the initial
-    model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed run computes
-    only what the cache lacks, a fresh one all of it): no second model in memory while training."""
+    """π_ref(y|x) sums of each pair, [num_pairs, 2] (chosen, rejected; NaN where not needed), computed by the
+    initial model in a pre-pass over the pairs `units` this run trains on and cached at `path` (a resumed
+    run computes only what the cache lacks, a fresh one all of it): no second model in memory in training."""
     fresh = torch.full((len(dataset), 2), math.nan)  # a fresh run's reference is its model, not an old cache
     out = torch.load(path, weights_only=True) if path.exists() and not initial else fresh
     missing = np.unique(units)
@@ -257,8 +228,8 @@ def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path
             batch = collate(dataset, unit_bin).to(d.device)
             logp = token_logps(model, batch)  # also for an empty bin: FSDP's collectives stay in step
             if unit_bin:
-                pairs = pair_logps(logp, batch, None)
-                computed[batch.doc_index[0::2]] = torch.stack([pairs.chosen, pairs.rejected], dim=1)
+                pairs = loss_batch(batch).pairs(logp)
+                computed[batch.doc_index[batch.chosen_doc]] = torch.stack([pairs.chosen, pairs.rejected], 1)
         model.train()
         dist.all_reduce(computed)  # each pair was computed by exactly one rank; the others hold zeros
         out[missing] = computed[torch.from_numpy(missing).to(d.device)].cpu()
@@ -270,60 +241,59 @@ def reference_logps(args, model, dataset, units: np.ndarray, d: Dist, path: Path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One step: forward/backward over this rank's micro-batches, then `optimizer_step`
+# One update: forward/backward over this rank's micro-batches, then `optimizer_step`
 # ---------------------------------------------------------------------------------------------------------
 
+STATS = {"examples": ("loss",), "pairs": ("loss", "chosen_logp", "rejected_logp", "margin", "pair_acc"),
+         "rollouts": ("loss", "entropy", "logp_mismatch", "clip_low_fraction", "clip_high_fraction",
+                      "ratio_mean", "kl_mean", "advantage_abs_mean")}  # logged per data kind, every rank
 
-def backward_over(model, micro: list, loss_step, d: Dist, flops_of) -> tuple[dict, int, float]:
-    """Forward/backward of every (units, host batch) in `micro` (as many on every rank; gradients reduced
-    after the last). loss_step(units, host batch, device batch) -> (loss, its share of the step's global
-    units, stats as contributions to global means); the loss is weighted by share · world (FSDP averages
-    gradients over ranks) → (summed stats, tokens, FLOPs)."""
-    sums, tokens, flops = {}, 0, 0.0
-    for i, (unit_bin, host) in enumerate(micro):
+
+def micro_batches(model, micro: list[list[int]], batches: list[PackedBatch], d: Dist):
+    """(units, host batch, device batch) of each non-empty micro-batch of an update, gradients reduced after
+    the last (every rank runs as many). An empty one (a rank short of work) runs a forward/backward of
+    zero, so that its collectives stay in step with the other ranks'."""
+    for i, (units, host) in enumerate(zip(micro, batches, strict=True)):
         model.set_requires_gradient_sync(i == len(micro) - 1)
         batch = host.to(d.device)
-        if unit_bin:
-            loss, share, stats = loss_step(unit_bin, host, batch)
-            (loss * share * d.world).backward()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        else:  # an empty micro-batch keeps this rank's collectives in step with the others
+        if units:
+            yield units, host, batch
+        else:
             (token_logps(model, batch).sum() * 0).backward()
-        tokens += host.tokens.shape[0]
-        flops += flops_of(host.cu_seqlens)
-    return sums, tokens, flops
 
 
-def offline_update(args, model, dataset, micro: list, ref, d: Dist, flops_of) -> tuple[dict, int, float]:
-    """Forward/backward of one sft / dpo / simpo / redi step over this rank's micro-batches."""
-    linear = args.objective == "sft" or PAIR_OBJECTIVES[args.objective].linear
-    units_of = (lambda b: b.num_loss_tokens) if args.objective == "sft" else (lambda b: len(b.doc_index) // 2)
-    batches = [(units, collate(dataset, units)) for units in micro]
-    total = torch.tensor(float(sum(units_of(b) for units, b in batches if units)), device=d.device)
+def offline_update(args, model, dataset, micro: list[list[int]], ref, d: Dist) -> tuple[dict, list]:
+    """Forward/backward of one update of an objective trained on examples or pairs, over this rank's
+    micro-batches → (the stats, as contributions to the step's global means; the host micro-batches). Each
+    loss is weighted by its units / the step's units over all ranks, times the world size."""
+    objective = OBJECTIVES[args.objective]
+    unit = objective.unit_for(args)
+    batches = [collate(dataset, units) for units in micro]
+    total = sum(b.units(unit) for units, b in zip(micro, batches, strict=True) if units)
+    total = torch.tensor(float(total), device=d.device)
     dist.all_reduce(total)  # stays on the device: the step's one host sync is in optimizer_step
     total = total.clamp(min=1.0)
-
-    def loss_step(units, host, batch):
-        loss, stats, _, _ = forward_loss(model, batch, offline_loss_of(args, batch, ref), linear)
-        return loss, units_of(host) / total, {k: v / total for k, v in stats.items()}
-
-    sums, tokens, flops = backward_over(model, batches, loss_step, d, flops_of)
-    keys = ("loss",) if args.objective == "sft" else ("loss", "chosen_logp", "rejected_logp", "margin",
-                                                        "pair_acc")
-    return {k: sums.get(k, 0.0) for k in keys}, tokens, flops  # the same keys on every rank
-
-
-GRPO_STATS = ("loss", "entropy", "logp_mismatch", "clip_low_fraction", "clip_high_fraction", "ratio_mean",
-              "kl_mean", "advantage_abs_mean")
+    sums = dict.fromkeys(STATS[objective.data], 0.0)  # the same keys on every rank
+    for _, host, batch in micro_batches(model, micro, batches, d):
+        ref_pairs = ref[batch.doc_index[batch.chosen_doc]] if ref is not None else None
+        inputs = loss_batch(batch, ref_pairs=ref_pairs)
+        loss, _, logp, _ = forward_loss(model, objective, batch, inputs, args)
+        units = host.units(unit)
+        (loss * (units / total) * d.world).backward()
+        stats = {"loss": loss.detach() * units}
+        if objective.data == "pairs":
+            stats |= inputs.pairs(logp).stats()
+        for k, v in stats.items():
+            sums[k] = sums[k] + v / total
+    return sums, batches
 
 
 def grpo_update(args, model, ref_model, batch: rollouts.Rollouts, advantages: torch.Tensor, units: list[int],
-                temperature: float, d: Dist, flops_of) -> tuple[dict, int, float]:
-    """Forward/backward of one optimiser step over this rank's rollout `units`, packed under --batch-tokens.
-    One update per rollout (and no KL) is on-policy: π_old = π, so the ratio is 1 and the loss is linear
-    in the log-probs (3-GEMM lm head); more updates take the sampler's log-probs as π_old. The stats are
-    global means, token-level ones weighted by loss tokens, advantage_abs_mean by sequences."""
+                temperature: float, d: Dist) -> tuple[dict, list]:
+    """Forward/backward of one optimiser update over this rank's rollout `units`, packed under --batch-tokens
+    → (the stats, global means: token-level ones weighted by loss tokens, advantage_abs_mean by sequences;
+    the host micro-batches). π_old is the sampling copy's log-probs (on-policy: π itself, losses.grpo)."""
+    objective = OBJECTIVES[args.objective]
     bins = best_fit_decreasing(np.asarray(units, dtype=np.int64), batch.lengths, args.batch_tokens)
     counts = torch.tensor([float(len(units)), float(sum(len(batch.completions[i]) for i in units)),
                            float(len(bins))], device=d.device)
@@ -331,36 +301,34 @@ def grpo_update(args, model, ref_model, batch: rollouts.Rollouts, advantages: to
     dist.all_reduce(counts[2:], op=dist.ReduceOp.MAX)
     seqs, tokens_all, num_bins = (max(v, 1.0) for v in counts.tolist())  # the host needs the bin count
     bins += [[] for _ in range(int(num_bins) - len(bins))]  # every rank runs as many passes
-    by_sequences = grpo_loss_unit(args.aggregation) == "sequences"
-    on_policy = args.updates_per_rollout == 1 and args.kl_beta == 0
-
-    def loss_step(unit_bin, host, device_batch):
-        mask = device_batch.targets != -100
+    by_sequences = objective.unit_for(args) == "sequences"
+    batches = [collate(batch, b) for b in bins]
+    sums = dict.fromkeys(STATS[objective.data], 0.0)
+    for unit_bin, host, device_batch in micro_batches(model, bins, batches, d):
         old = batch.old_logps(unit_bin).to(d.device)
-        seq_advantages = advantages[host.doc_index].to(d.device)
         ref = None
         if ref_model is not None:
             with torch.no_grad():
                 ref = token_logps(ref_model, device_batch, temperature=temperature)
-
-        def loss_of(logp):
-            return grpo_loss(logp, logp.detach() if on_policy else old, seq_advantages, device_batch.seq_id,
-                             mask, ref_logps=ref, beta=args.kl_beta, eps_low=args.eps_low,
-                             eps_high=args.eps_high, aggregation=args.aggregation,
-                             max_len=args.max_new_tokens, return_stats=True)
-
-        loss, stats, logp, entropy = forward_loss(model, device_batch, loss_of, on_policy,
+        inputs = loss_batch(device_batch, old_logps=old, advantages=advantages[host.doc_index].to(d.device),
+                            ref_logps=ref)
+        loss, stats, logp, entropy = forward_loss(model, objective, device_batch, inputs, args,
                                                   temperature=temperature, return_entropy=True)
         by_seq, by_tok = len(unit_bin) / seqs, host.num_loss_tokens / tokens_all
-        per_token = max(host.num_loss_tokens, 1)
-        stats["entropy"] = (entropy * mask).sum() / per_token
-        stats["logp_mismatch"] = ((logp - old).abs() * mask).sum() / per_token
         share = by_seq if by_sequences else by_tok
-        contributions = {k: v * (by_seq if k == "advantage_abs_mean" else by_tok) for k, v in stats.items()}
-        return loss, share, contributions | {"loss": loss.detach() * share}
+        (loss * share * d.world).backward()
+        per_token = max(host.num_loss_tokens, 1)
+        stats["entropy"] = (entropy * inputs.loss_mask).sum() / per_token
+        stats["logp_mismatch"] = ((logp - old).abs() * inputs.loss_mask).sum() / per_token
+        for k, v in stats.items():
+            sums[k] = sums[k] + v * (by_seq if k == "advantage_abs_mean" else by_tok)
+        sums["loss"] = sums["loss"] + loss.detach() * share
+    return sums, batches
 
-    sums, tokens, flops = backward_over(model, [(b, collate(batch, b)) for b in bins], loss_step, d, flops_of)
-    return {k: sums.get(k, 0.0) for k in GRPO_STATS}, tokens, flops
+
+# ---------------------------------------------------------------------------------------------------------
+# The run: setup → steps → save
+# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -372,24 +340,24 @@ class Run:
     out: Path
     tok: Tokenizer
     config: ModelConfig
-    data: object  # a TokenizedDataset / StreamBlocks, or the RL problems (grpo)
+    data: object  # a TokenizedDataset / StreamBlocks, or the RL problems (rollouts)
     model: Transformer
     copy: Transformer | None  # the unsharded sampling copy (grpo rollouts, in-training evaluation)
     ref_model: Transformer | None  # the frozen initial policy (grpo --kl-beta)
-    sampler: StepSampler
+    plan: StepPlan
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     total_steps: int
     num_params: int
-    ref: torch.Tensor | None = None  # DPO's reference log-prob sums
+    ref: torch.Tensor | None = None  # the reference log-prob sums of each pair (DPO)
     step: int = 0
     identity: dict | None = None  # checkpoint.run_identity: in each checkpoint, checked on resume
 
 
 def setup(args: argparse.Namespace) -> Run:
-    """Processes → tokenizer, model config, data → the sharded model (and sampling copies) → sampler,
-    optimiser, schedule → resume --out's newest checkpoint (if it is this run) → DPO's reference pre-pass."""
+    """Processes → tokenizer, model config, data → the sharded model (and sampling copies) → step plan,
+    optimiser, schedule → resume --out's newest checkpoint (if it is this run) → the reference pre-pass."""
     d = setup_distributed()
     args.precision = args.precision or ("bf16-mixed" if d.device.type == "cuda" else "fp32")
     out = args.out or Path("runs") / args.objective
@@ -401,7 +369,9 @@ def setup(args: argparse.Namespace) -> Run:
     config = model_config(args)
     if tok.vocab_size > config.vocab_size:
         raise errors.UserError(f"--tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
-    grpo = args.objective == "grpo"
+    if d.main:
+        log_chat_template(args, tok)
+    objective = OBJECTIVES[args.objective]
     data = load_data(args, tok, args.cache_dir or out.parent / ".cache")  # a bad row: names file and line
     identity = checkpoint.run_identity(args, config, data)
     note = checkpoint.check_resume(ckpt, identity)  # before any weights: another run is refused
@@ -410,43 +380,54 @@ def setup(args: argparse.Namespace) -> Run:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     dist.barrier()
     model = build_model(args, config, d)
-    dtype = torch.bfloat16 if args.precision != "fp32" else torch.float32
-    copy = rollouts.sampling_copy(model, config, d.device, dtype) if grpo or args.eval_every else None
-    ref_model = rollouts.sampling_copy(model, config, d.device, dtype) if grpo and args.kl_beta else None
-    if grpo and args.filter_samples:
-        data = [data[i] for i in rollouts.filter_prompts(
-            copy, tok, data, sampling(args), samples=args.filter_samples, min_pass=args.filter_min_pass,
-            max_pass=args.filter_max_pass, temperature=args.temperature, seed=args.seed, rank=d.rank,
-            world=d.world, path=out / "prompt_pass_rates.pt")]
-    lengths = np.array([len(p.prompt_ids) for p in data]) if grpo else data.lengths
-    sampler = StepSampler(lengths, batch_size=args.batch_size, world_size=d.world, rank=d.rank,
-                          seed=args.seed, token_budget=int(lengths.max()) if grpo else args.batch_tokens)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * sampler.steps_per_epoch))
+    copy, ref_model, data = sampling_copies(args, model, config, tok, data, out, d)
+    lengths = np.array([len(p.prompt_ids) for p in data]) if objective.data == "rollouts" else data.lengths
+    plan = StepPlan(lengths, batch_size=args.batch_size, world_size=d.world, rank=d.rank, seed=args.seed,
+                    token_budget=int(lengths.max()) if objective.data == "rollouts" else args.batch_tokens)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * plan.steps_per_epoch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, fused=True)
-    updates = total_steps * (args.updates_per_rollout if grpo else 1)
+    updates = total_steps * (args.updates_per_rollout if objective.data == "rollouts" else 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, updates))
     generator = torch.Generator(device=d.device).manual_seed(args.seed * 1009 + d.rank)
-    run = Run(args, d, out, tok, config, data, model, copy, ref_model, sampler, optimizer, scheduler,
+    run = Run(args, d, out, tok, config, data, model, copy, ref_model, plan, optimizer, scheduler,
               generator, total_steps, sum(p.numel() for p in model.parameters()), identity=identity)
     if ckpt is not None:
-        run.step = checkpoint.load(ckpt, model, optimizer, scheduler, sampler, generator, rank=d.rank,
+        run.step = checkpoint.load(ckpt, model, optimizer, scheduler, plan, generator, rank=d.rank,
                                    lr=args.lr)
         if d.main:
             log.info("resumed from %s (step %d, lr %.4g)%s", ckpt, run.step, scheduler.get_last_lr()[0], note)
-    if args.objective in PAIR_OBJECTIVES and PAIR_OBJECTIVES[args.objective].reference:
-        run.ref = reference_logps(args, model, data, sampler.planned_units(total_steps - run.step), d,
+    if objective.data == "pairs" and objective.reference_for(args):
+        run.ref = reference_logps(args, model, data, plan.planned_units(total_steps - run.step), d,
                                   out / "ref_logps.pt", initial=run.step == 0)
     return run
 
 
-def sampling(args: argparse.Namespace) -> rollouts.Sampling:
-    return rollouts.Sampling(args.group_size, args.max_new_tokens, args.top_p, args.wrong_reward,
-                             args.overlong_cache, args.rollout_batch_size, args.think_prefix)
+def sampling_copies(args, model, config: ModelConfig, tok: Tokenizer, data, out: Path, d: Dist) -> tuple:
+    """(the unsharded sampling copy: rollouts and in-training evaluation; the frozen reference of a rollouts
+    objective that needs one; the data, RL problems filtered by the initial model's pass rate with
+    --filter-samples)."""
+    objective = OBJECTIVES[args.objective]
+    on_rollouts = objective.data == "rollouts"
+    dtype = torch.bfloat16 if args.precision != "fp32" else torch.float32
+    copy = rollouts.sampling_copy(model, config, d.device, dtype) if on_rollouts or args.eval_every else None
+    ref_model = rollouts.sampling_copy(model, config, d.device, dtype) \
+        if on_rollouts and objective.reference_for(args) else None
+    if on_rollouts and args.filter_samples:
+        data = [data[i] for i in rollouts.filter_prompts(
+            copy, tok, data, rollout_settings(args), samples=args.filter_samples,
+            min_pass=args.filter_min_pass, max_pass=args.filter_max_pass, temperature=args.temperature,
+            seed=args.seed, rank=d.rank, world=d.world, path=out / "prompt_pass_rates.pt")]
+    return copy, ref_model, data
+
+
+def rollout_settings(args: argparse.Namespace) -> rollouts.RolloutSettings:
+    return rollouts.RolloutSettings(args.group_size, args.max_new_tokens, args.top_p, args.wrong_reward,
+                                    args.overlong_cache, args.rollout_batch_size, args.think_prefix)
 
 
 def save(run: Run) -> None:
-    checkpoint.save(run.out, run.step, run.model, run.optimizer, run.scheduler, run.sampler, run.generator,
+    checkpoint.save(run.out, run.step, run.model, run.optimizer, run.scheduler, run.plan, run.generator,
                     run.identity, rank=run.d.rank, keep=run.args.keep_last)
 
 
@@ -472,38 +453,53 @@ def optimizer_step(run: Run, sums: dict) -> dict:
     return row | {"lr": run.scheduler.get_last_lr()[0]}
 
 
+def sample_rollouts(run: Run) -> tuple[rollouts.Rollouts, torch.Tensor, float, dict]:
+    """Sync the sampling copy, sample this rank's groups at the step's (annealed) temperature → (the groups,
+    their advantages, the temperature, the sampling stats)."""
+    args, d = run.args, run.d
+    rollouts.sync_copy(run.model, run.copy)
+    temperature = rollouts.rollout_temperature(args.temperature, args.temperature_end, args.anneal_steps,
+                                               run.step)
+    groups, stats = rollouts.collect(run.copy, run.tok, run.data, run.plan, rollout_settings(args),
+                                     temperature, run.generator, groups_wanted=args.batch_size,
+                                     dynamic=args.dynamic_sampling, rounds=args.max_sampling_rounds,
+                                     rank=d.rank, world=d.world)
+    advantages = group_advantages(groups.rewards, args.group_size, scale_by_std=args.scale_rewards) \
+        if groups.num_groups else torch.zeros(0)
+    return groups, advantages, temperature, stats
+
+
 def run_step(run: Run) -> dict:
-    """One step → its metrics. sft / dpo / simpo / redi: one update; GRPO: sync the sampling copy, sample
-    the groups, then --updates-per-rollout updates over mini-batches of whole groups. Every update's
+    """One step → its metrics. Examples and pairs: one update over the step plan's micro-batches; rollouts:
+    sample the groups, then --updates-per-rollout updates over mini-batches of whole groups. Every update's
     optimiser step is `optimizer_step`; the logged stats are the mean over the step's updates."""
     args, d = run.args, run.d
-    flops_of = lambda cu: train_flops(run.config, run.num_params, cu)  # noqa: E731
-    row = {}
-    if args.objective != "grpo":
-        micro = run.sampler.next_step()
-        updates = [lambda: offline_update(args, run.model, run.data, micro, run.ref, d, flops_of)]
-    else:
-        rollouts.sync_copy(run.model, run.copy)
-        temperature = rollouts.rollout_temperature(args.temperature, args.temperature_end, args.anneal_steps,
-                                                   run.step)
-        groups, row = rollouts.collect(run.copy, run.tok, run.data, run.sampler, sampling(args), temperature,
-                                       run.generator, groups_wanted=args.batch_size,
-                                       dynamic=args.dynamic_sampling, rounds=args.max_sampling_rounds,
-                                       rank=d.rank, world=d.world)
-        advantages = group_advantages(groups.rewards, args.group_size, scale_by_std=args.scale_rewards) \
-            if groups.num_groups else torch.zeros(0)
-        g, u, n = args.group_size, args.updates_per_rollout, groups.num_groups
-        updates = [lambda i=i: grpo_update(args, run.model, run.ref_model, groups, advantages,
-                                           list(range(n * i // u * g, n * (i + 1) // u * g)), temperature, d,
-                                           flops_of) for i in range(u)]
-    rows, tokens, flops = [], 0, 0.0
-    for update in updates:
-        sums, n_tokens, n_flops = update()
+    row, rows, tokens, flops = {}, [], 0, 0.0
+    if OBJECTIVES[args.objective].data != "rollouts":
+        sums, batches = offline_update(args, run.model, run.data, run.plan.next_step(), run.ref, d)
         rows.append(optimizer_step(run, sums))
-        tokens, flops = tokens + n_tokens, flops + n_flops
+        tokens, flops = work(run, batches)
+    else:
+        groups, advantages, temperature, row = sample_rollouts(run)
+        g, u, n = args.group_size, args.updates_per_rollout, groups.num_groups
+        for i in range(u):
+            units = list(range(n * i // u * g, n * (i + 1) // u * g))  # mini-batch i: whole groups
+            sums, batches = grpo_update(args, run.model, run.ref_model, groups, advantages, units,
+                                        temperature, d)
+            rows.append(optimizer_step(run, sums))
+            tokens, flops = (a + b for a, b in zip((tokens, flops), work(run, batches), strict=True))
     run.step += 1
     return row | {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} | {"lr": rows[-1]["lr"]} | {
         "step": run.step, "tokens": tokens * d.world, "flops": flops * d.world}
+
+
+def work(run: Run, batches: list[PackedBatch]) -> tuple[int, float]:
+    """The tokens and model FLOPs (metrics.train_flops) of an update's micro-batches on this rank."""
+    tokens, flops = 0, 0.0
+    for batch in batches:
+        tokens += batch.tokens.shape[0]
+        flops += train_flops(run.config, run.num_params, batch.cu_seqlens)
+    return tokens, flops
 
 
 class StopRequested(Exception):
@@ -574,13 +570,16 @@ def main(argv: list[str] | None = None) -> None:
     which gets the whole command line (its own flags too: python -m embedded --help)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)  # --help here is train.py's
-    config = read_toml(known.config, parser) if known.config else {}
+    parser = flags.build_parser()
+    known, _ = parser.parse_known_args(argv)  # --help here is train.py's; the demo's flags are its own
+    if known.print_config:
+        print(flags.as_toml(parse_args(argv)), end="")
+        return
+    config = flags.read_toml(known.config, parser) if known.config else {}
     if not any(getattr(known, k) or config.get(k) for k in ("data", "model", "init")):
         import embedded.command
 
-        embedded.command.main(argv)
+        embedded.command.main(argv, prog="train.py")
         return
     try:
         train(parse_args(argv))

@@ -1,16 +1,20 @@
 """Packing: units (examples or pairs) -> flat varlen micro-batches under a token budget, and the step plan.
 
-    sampler = StepSampler(ds.lengths, batch_size=32, token_budget=16384, world_size=8, rank=r, seed=0)
-    for units in sampler.next_step():            # this rank's micro-batches of one optimiser step
+    plan = StepPlan(ds.lengths, batch_size=32, token_budget=16384, world_size=8, rank=r, seed=0)
+    for units in plan.next_step():               # this rank's micro-batches of one optimiser step
         batch = collate(ds, units).to("cuda")    # PackedBatch: tokens, targets, positions, cu_seqlens, ...
 
-A PackedBatch holds D documents end to end (T tokens): a pair's chosen and rejected are two documents, in that
-order, side by side, so docs go [chosen_0, rejected_0, chosen_1, rejected_1, ...]. Per document d, tokens
-cu_seqlens[d]:cu_seqlens[d+1], positions restart at 0, seq_id = d: attention never crosses documents.
+A PackedBatch holds D documents end to end (T tokens). Per document d, tokens cu_seqlens[d]:cu_seqlens[d+1],
+positions restart at 0, seq_id = d: attention never crosses documents.
     targets[i] = tokens[i+1] if mask[i+1] else -100       (the last token of each document: -100)
 so the loss of token i predicts token i+1, and only tokens that carry loss are predicted.
 
-The plan of a step (StepSampler), a pure function of (seed, epoch, step), the same on every rank:
+Pairs: a pair unit is two documents (dataset.docs(i) = [chosen, rejected]). The batch says which they are:
+pair b of the batch is documents chosen_doc[b] and rejected_doc[b]; collate is the one place that decides
+where they go (today side by side, [chosen_0, rejected_0, chosen_1, ...]) and everything downstream (the
+losses' pair sums, DPO's reference pre-pass) reads the two index tensors, never the order.
+
+The plan of a step (StepPlan), a pure function of (seed, epoch, step), the same on every rank:
   1. the epoch's order: a permutation of the units by np.random.default_rng([seed, epoch]);
   2. step s takes order[s*batch_size : (s+1)*batch_size] (drop_last: the incomplete tail is left out);
   3. best-fit-decreasing: units by length, longest first (ties by index), each into the fullest micro-batch
@@ -49,8 +53,15 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [D+1] int32
     seq_id: torch.Tensor  # [T] int64, the document (0..D-1) of each token
     doc_index: torch.Tensor  # [D] int64, the dataset unit of each document (-1: the empty micro-batch's)
+    chosen_doc: torch.Tensor  # [B] int64, pairs: the document of pair b's chosen completion (empty otherwise)
+    rejected_doc: torch.Tensor  # [B] int64, pairs: the document of pair b's rejected completion
     max_seqlen: int
     num_loss_tokens: int  # (targets != -100).sum(), counted on the host at collate time
+
+    def units(self, unit: str) -> int:
+        """How many of a loss's unit the batch holds: "tokens" (with loss), "pairs" or "sequences"."""
+        return {"tokens": self.num_loss_tokens, "pairs": len(self.chosen_doc),
+                "sequences": len(self.doc_index)}[unit]
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)
@@ -59,11 +70,17 @@ class PackedBatch:
 
 
 def collate(dataset, unit_indices: list[int]) -> PackedBatch:
-    """Pack the units' documents (dataset.docs(i): [(tokens, mask), ...]) into one PackedBatch. No units: a
-    1-token document (the pad token) without loss."""
-    docs, doc_index = [], []
+    """Pack the units' documents (dataset.docs(i): [(tokens, mask), ...]) into one PackedBatch; a pair
+    dataset's units (kind "pairs": docs(i) = [chosen, rejected]) are recorded in chosen_doc / rejected_doc.
+    No units: a 1-token document (the pad token) without loss."""
+    docs, doc_index, chosen_doc, rejected_doc = [], [], [], []
+    pairs = getattr(dataset, "kind", None) == "pairs"
     for unit in unit_indices:
-        for tokens, mask in dataset.docs(unit):
+        unit_docs = dataset.docs(unit)
+        if pairs:
+            chosen_doc.append(len(docs))
+            rejected_doc.append(len(docs) + 1)
+        for tokens, mask in unit_docs:
             docs.append((tokens, mask))
             doc_index.append(unit)
     if not docs:
@@ -85,6 +102,8 @@ def collate(dataset, unit_indices: list[int]) -> PackedBatch:
         cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
         seq_id=torch.from_numpy(np.repeat(np.arange(len(docs), dtype=np.int64), lengths)),
         doc_index=torch.tensor(doc_index, dtype=torch.int64),
+        chosen_doc=torch.tensor(chosen_doc, dtype=torch.int64),
+        rejected_doc=torch.tensor(rejected_doc, dtype=torch.int64),
         max_seqlen=int(lengths.max()),
         num_loss_tokens=int((targets != IGNORE).sum()),
     )
@@ -125,15 +144,16 @@ def deal(bins: list[list[int]], lengths: np.ndarray, world_size: int) -> list[li
     return ranks
 
 
-class StepSampler:
-    """Which units each rank packs into which micro-batch, step after step (see the module docstring).
-    `next_step()` -> this rank's micro-batches (lists of unit indices) of the next optimiser step."""
+class StepPlan:
+    """The plan of the steps: which units each step takes, and which of them each rank packs into which
+    micro-batch (see the module docstring). `next_step()` -> this rank's micro-batches (lists of unit
+    indices) of the next optimiser step; `next_units()` -> the step's units unpacked (GRPO's prompts)."""
 
     def __init__(self, lengths, *, batch_size: int, token_budget: int, world_size: int = 1, rank: int = 0,
                  seed: int = 0, drop_last: bool = True):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if batch_size < 1 or token_budget < 1 or not 0 <= rank < world_size or seed < 0:
-            raise ValueError(f"StepSampler: batch_size={batch_size}, token_budget={token_budget}, "
+            raise ValueError(f"StepPlan: batch_size={batch_size}, token_budget={token_budget}, "
                              f"rank={rank}, world_size={world_size}, seed={seed}: expected positive sizes, "
                              "0 <= rank < world_size and seed >= 0")
         too_long = np.flatnonzero(self.lengths > token_budget)
@@ -178,7 +198,7 @@ class StepSampler:
         return units
 
     def planned_units(self, num_steps: int) -> np.ndarray:
-        """Every unit the next `num_steps` steps take, in order (the sampler is not advanced)."""
+        """Every unit the next `num_steps` steps take, in order (the plan is not advanced)."""
         epoch, step, taken = self.epoch, self.step, []
         for _ in range(num_steps):
             taken.append(self.step_units(epoch, step))
@@ -200,7 +220,7 @@ class StepSampler:
         for key in ("seed", "num_units", "batch_size", "drop_last"):
             ours = self.state_dict()[key]
             if state[key] != ours:
-                raise ValueError(f"sampler state has {key}={state[key]!r} but this run has {ours!r}: the "
+                raise ValueError(f"step plan state has {key}={state[key]!r} but this run has {ours!r}: the "
                                  "data, --seed or --batch-size changed since the checkpoint")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 

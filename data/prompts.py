@@ -5,8 +5,9 @@
 
 A problem's prompt is the chat template applied to one user message, the problem text followed by "\\n" +
 suffix when there is one, then the generation prompt, then THINK_PREFIX with think_prefix (REDI's models
-begin their turn with it). The suffix is BOXED_INSTRUCTION for the named benchmarks (MATH-500 & co., as
-REDI and DeepSeek evaluate them) and none for data files such as the synthetic task's: `default_suffix`.
+begin their turn with it; data/tokenizer.py defines it, as the templates place it). The suffix is
+BOXED_INSTRUCTION for the five math benchmarks (MATH-500 & co., as REDI and DeepSeek evaluate them), however
+they are given, and none for other data files such as the synthetic task's: data.benchmarks.prompt_suffix.
 
 The text that is graded (math_reward) is the completion's tokens decoded, the final stop token dropped,
 and THINK_PREFIX put back in front when the prompt ended with it, so that the answer is what follows
@@ -19,23 +20,15 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from data.tokenizer import Tokenizer
+from data.tokenizer import THINK_PREFIX, Tokenizer
 
-THINK_PREFIX = "<think>\n"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def user_message(problem: str, suffix: str = "") -> str:
     """The user turn of a problem: the problem, then "\\n" + suffix when there is one."""
     return f"{problem}\n{suffix}" if suffix else problem
-
-
-def default_suffix(named_benchmark: bool) -> str:
-    """BOXED_INSTRUCTION for a named (or hub) benchmark, nothing for a data file."""
-    return BOXED_INSTRUCTION if named_benchmark else ""
 
 
 def problem_prompt(tok: Tokenizer, problem: str, *, suffix: str = "", think_prefix: bool = False,

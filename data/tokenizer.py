@@ -54,8 +54,9 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from data.prompts import THINK_PREFIX
-
+# What a reasoning model's turn opens with; think_prefix puts it at the end of the prompt (data/prompts.py
+# builds prompts with it, and puts it back in front of a completion's text).
+THINK_PREFIX = "<think>\n"
 # The files that make a tokenizer directory: read, and copied by save_pretrained, when present.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",

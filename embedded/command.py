@@ -29,10 +29,11 @@ PHI = "phi-embedded"  # --recipe PHI: the Phi-4-mini-reasoning chain
 LEGAL = {"seeds": ">= 1", "draws": ">= 1", "workers": ">= 1", "lr_grid": "> 0"}
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
-    """train.py's parser plus the demo's own flags → (parser, the own flags' dests)."""
+def build_parser(prog: str = "python -m embedded") -> tuple[argparse.ArgumentParser, set[str]]:
+    """train.py's parser plus the demo's own flags → (parser, the own flags' dests); `prog` names the
+    command in its errors (train.py when train.py handed the command line over)."""
     p = flags.build_parser()
-    p.prog, p.epilog = "python -m embedded", None
+    p.prog, p.epilog = prog, None
     p.description = (f"{__doc__.splitlines()[0]}\n--recipe {PHI}: the Phi-4-mini-reasoning chain instead. "
                      "Every flag of train.py applies to the stage --objective names (docs/embedded.md).")
     g = p.add_argument_group("the embedded default's own flags")
@@ -54,9 +55,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
     return p, own
 
 
-def parse(argv: list[str]) -> tuple[dict, argparse.Namespace]:
+def parse(argv: list[str], prog: str = "python -m embedded") -> tuple[dict, argparse.Namespace]:
     """The command line → (the train.py flags given, {dest: value}; the demo's own flags, with defaults)."""
-    parser, own = build_parser()
+    parser, own = build_parser(prog)
     unset = object()
     parser.set_defaults(**{k: unset for k in vars(parser.parse_args([])) if k not in own})
     values = vars(parser.parse_args(argv))
@@ -65,10 +66,10 @@ def parse(argv: list[str]) -> tuple[dict, argparse.Namespace]:
     return {k: v for k, v in values.items() if v is not unset}, demo
 
 
-def main(argv: list[str]) -> dict:
+def main(argv: list[str], prog: str = "python -m embedded") -> dict:
     """Build the task, run the stages --objective (or --recipe phi-embedded) asks for, evaluate every model,
     write the results → {row: statistics}."""
-    given, demo = parse(argv)
+    given, demo = parse(argv, prog)
     phi = given.get("recipe") == PHI
     if given.get("recipe") not in (None, PHI):
         raise UserError(f"--recipe {given['recipe']} needs --data (and --init or --model); without them the "

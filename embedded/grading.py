@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from data import prompts, synthetic
-from data.benchmarks import Problem, load_benchmark
+from data import synthetic
+from data.benchmarks import Problem, load_problems
 from data.tokenizer import Tokenizer
 from eval import evaluate, preference_pairs
 from model import Transformer
@@ -25,8 +25,9 @@ ROLLOUTS, ROLLOUT_PROBLEMS = 4, 1000  # own-rollout pairs: samples per problem, 
 
 
 def task_problems(path: Path) -> tuple[list[Problem], str]:
-    """A task split's problems and their prompt suffix (a data file's: none, as eval.py gives a file)."""
-    return load_benchmark(path), prompts.default_suffix(False)
+    """A task split's problems and their prompt suffix, as eval.py and training's evaluation read them."""
+    _, problems, suffix = load_problems(str(path))
+    return problems, suffix
 
 
 def grade(model: Transformer, tok: Tokenizer, problems: list[Problem], suffix: str, budget: int) -> dict:

@@ -39,11 +39,12 @@ from tqdm import tqdm
 
 from data.tokenizer import Tokenizer
 from embedded import grading
-from embedded.stages import NOT_WRITTEN, toml_text
 from errors import UserError
+from flags import NOT_CONFIG, as_toml
 
 ROOT = Path(__file__).resolve().parents[1]
-UNSTAMPED = ("num_workers", "log_every", "cache_dir")  # train.py settings with no effect on a stage's weights
+# train.py settings with no effect on a stage's weights: not in the stamp
+UNSTAMPED = (*NOT_CONFIG, "resume", "resume_or_start", "num_workers", "log_every", "cache_dir")
 
 
 def code_digest(threads: int) -> str:
@@ -56,11 +57,9 @@ def code_digest(threads: int) -> str:
     return digest.hexdigest()
 
 
-def stage_command(toml: Path, args: argparse.Namespace) -> list[str]:
-    """The command line a stage trains with: train.py on its stage.toml (and --resume-or-start when the
-    user asked to resume)."""
-    return [sys.executable, str(ROOT / "train.py"), "--config", str(toml),
-            *(["--resume-or-start"] if args.resume_or_start else [])]
+def stage_command(toml: Path) -> list[str]:
+    """The command line a stage trains with: train.py on its stage.toml."""
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(toml)]
 
 
 def run_logged(command: list[str], log: Path, echo: bool) -> None:
@@ -85,7 +84,7 @@ def run_logged(command: list[str], log: Path, echo: bool) -> None:
 def train_stage(args: argparse.Namespace, code: str, echo: bool = False) -> Path:
     """The stage's HF export, trained now unless the cache holds it (the module docstring)."""
     out, stamp = args.out, args.out / "stage.json"
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in (*UNSTAMPED, *NOT_WRITTEN)}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in UNSTAMPED}
     wanted = json.dumps({"settings": settings, "code": code}, default=str, indent=1)
     if (out / "hf" / "config.json").exists() and stamp.exists() and stamp.read_text() == wanted:
         return out / "hf"
@@ -93,8 +92,8 @@ def train_stage(args: argparse.Namespace, code: str, echo: bool = False) -> Path
         stamp.unlink()
         shutil.rmtree(out / "ckpt", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stage.toml").write_text(f"# python train.py --config {out / 'stage.toml'}\n" + toml_text(args))
-    run_logged(stage_command(out / "stage.toml", args), out / "train.log", echo)
+    (out / "stage.toml").write_text(f"# python train.py --config {out / 'stage.toml'}\n" + as_toml(args))
+    run_logged(stage_command(out / "stage.toml"), out / "train.log", echo)
     stamp.write_text(wanted)
     return out / "hf"
 

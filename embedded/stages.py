@@ -5,16 +5,16 @@ A stage of the embedded default is configured like any run (flags.resolve):
     train.py's defaults ← recipes/pairs.toml (the REDI comparison's rows) ← recipes/<stage>.toml
                         ← the user's flags that apply to the stage ← the paths the demo sets (data, init, out)
 
-and written to <stage dir>/stage.toml, every resolved value under its flag's name, so that the stage runs,
-and can be rerun by hand, as `python train.py --config <stage dir>/stage.toml` (runner.py). The flags a user
-gives apply to the stage --objective names; with a pair objective to every pair row, which are compared at
-equal settings, except the objectives' own knobs (--alpha stays with REDI, --beta with the row named).
+and written to <stage dir>/stage.toml (flags.as_toml: every resolved value under its flag's name), so that
+the stage runs, and can be rerun by hand, as `python train.py --config <stage dir>/stage.toml` (runner.py).
+The flags a user gives apply to the stage --objective names; with a pair objective to every pair row, which
+are compared at equal settings, except the objectives' own knobs (--alpha stays with REDI, --beta with the
+row named).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import flags
@@ -25,8 +25,6 @@ PAIR_ROWS = {"control": "redi", "redi": "redi", "redi-symmetric": "redi", "dpo":
              "simpo": "simpo"}  # the REDI comparison's rows and their objectives
 # train.py flags the demo reads itself and does not pass on (--resume becomes each stage's --resume-or-start)
 READ_HERE = ("out", "objective", "eval_limit", "resume", "resume_or_start", "recipe", "config")
-# settings that are not a stage's configuration: a file of them would re-read itself, or resume on every rerun
-NOT_WRITTEN = ("config", "recipe", "debug", "resume", "resume_or_start")
 
 
 def recipe(stage: str) -> dict:
@@ -49,23 +47,3 @@ def user_flags_for(stage: str, named: str, given: dict) -> dict:
         return {}
     own = {"alpha": stage == "redi", "beta": stage == named}  # objective flags stay with their rows
     return {k: v for k, v in passed.items() if own.get(k, True)}
-
-
-def toml_value(value: object) -> str:
-    """A flag's value as TOML: true/false, an integer, a float (its shortest repr, inf and nan included),
-    a string (a path too) or a list of them."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
-
-
-def toml_text(args: argparse.Namespace) -> str:
-    """The stage.toml of resolved settings: every set value but NOT_WRITTEN, sorted; `train.py --config`
-    reads back exactly these values."""
-    return "".join(f"{key.replace('_', '-')} = {toml_value(value)}\n"
-                   for key, value in sorted(vars(args).items())
-                   if value is not None and key not in NOT_WRITTEN)

@@ -10,10 +10,12 @@
 
 Rows whose target is −100 give 0 and no gradient. Each call dispatches once: the Triton path when the
 tensors are on CUDA (`kernels/linear_logprobs.py`, `kernels/cross_entropy.py`), the memory-bounded PyTorch
-fallback of `kernels/reference.py` otherwise. Costs of the CUDA path (N rows, H hidden, V vocabulary):
+fallback of `kernels/reference.py` otherwise. Costs (N rows, H hidden, V vocabulary), the same GEMM count
+on both paths; logits are held one chunk at a time, 512 MiB (CUDA) or 2 × 256 MiB of fp32 (CPU):
 
-    linear_logprobs        4 GEMMs (8·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·N·H (fp32 dH)
-    linear_cross_entropy   3 GEMMs (6·N·H·V flops), extra memory ≤ 512 MiB of logits + 4·V·H (fp32 dW);
+    linear_logprobs        4 GEMMs (8·N·H·V flops), extra memory ≤ a chunk of logits + 4·N·H (fp32 dH)
+                           (CPU: + 4·V·H, its dW is accumulated in fp32 across row chunks)
+    linear_cross_entropy   3 GEMMs (6·N·H·V flops), extra memory ≤ a chunk of logits + 4·V·H (fp32 dW);
                            the row weights w must be known at forward time (they are constants)
     cross_entropy          one read of the logits forward, one read + one write backward
 """

@@ -6,8 +6,15 @@ Two kinds of code live here:
   given (tests call them in float64). They are the ground truth the kernels are checked against.
 * `linear_logprobs_chunked`, `linear_cross_entropy_chunked`, `cross_entropy_fallback`: what `kernels/` runs
   when the tensors are not on CUDA (CPU training of the tiny model, tests). They never hold more than one
-  chunk of logits: `chunk_rows × V × 4` bytes of fp32 (plus one same-sized temporary), 64 MiB per buffer
-  at the default `chunk_rows = 16384·4 MiB / V`, i.e. about 110 rows for a 152k vocabulary.
+  chunk of logits: `chunk_rows × V × 4` bytes of fp32 (plus one same-sized buffer for its log-softmax),
+  256 MiB per buffer at the default `chunk_rows = 256 MiB / (4·V)`, i.e. 441 rows for a 152k vocabulary
+  (smaller chunks mean more and smaller parallel regions, which cost on busy cores: docs/benchmarks.md),
+  and one fp32 [V, H] weight gradient accumulated in place (`addmm_`, never a fresh [V, H] per
+  chunk). GEMMs, as on CUDA: `linear_logprobs_chunked` 4 (forward z; backward z again, dH, dW: the
+  upstream gradient arrives after the forward), `linear_cross_entropy_chunked` 3 (z, dH, dW, all in the
+  forward, since its row weights give the gradient up to the upstream scalar; backward only scales).
+  The temperature is folded into the [rows, H] inputs and the per-row coefficients, never applied to the
+  [rows, V] logits; `bench/cpu_lm_head.py` times both against torch eager.
 
 Formulas, per row i with z = h_i·Wᵀ / T (T the temperature), p = softmax(z), t = target:
 
@@ -25,7 +32,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 64 * 2**20  # fp32 logits held at once by the chunked fallback
+CHUNK_BYTES = 256 * 2**20  # fp32 logits held at once by the chunked fallback (per buffer; two buffers)
 
 
 def chunk_rows_for(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -71,53 +78,82 @@ def _logprobs_from_scaled_logits(
 # ----------------------------------------------------------------------------- the CPU fallback
 
 
+def _scaled_hidden(hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 h / T for one chunk: the 1/T folded into the [rows, H] input, not the [rows, V] logits."""
+    h = hidden.float()
+    return h if temperature == 1.0 else h / temperature
+
+
 class _LinearLogprobsChunked(torch.autograd.Function):
-    """Row-chunked fp32 log-probs/entropy; backward recomputes each chunk's logits (4 GEMMs in all)."""
+    """Row-chunked fp32 log-probs/entropy; backward recomputes each chunk's logits (4 GEMMs in all).
+
+    Forward, per chunk: z = (h/T)·Wᵀ (GEMM 1) → log_softmax into a second buffer → logp = ls[target],
+    lse = max z − ls[argmax z] (kept for backward), entropy = −Σ exp(ls)·ls. Backward, per chunk: z again
+    (GEMM 2), ls = z − lse, p = exp(ls) in place, the logit gradient in place over them, dH rows = g_z·W
+    (GEMM 3), dW += g_zᵀ·h accumulated in place in fp32 (GEMM 4)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, return_entropy, chunk_rows):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         logp = hidden.new_zeros(n, dtype=torch.float32)
-        entropy = hidden.new_zeros(n, dtype=torch.float32)
+        lse = torch.zeros_like(logp)
+        entropy = torch.zeros_like(logp)
         w32 = weight.float()
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            z = (hidden[rows].float() @ w32.T) / temperature
-            out = _logprobs_from_scaled_logits(z, targets[rows], return_entropy)
+        rows = min(n, chunk_rows)
+        z_buffer, ls_buffer = (hidden.new_empty(rows * vocab, dtype=torch.float32) for _ in range(2))
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            z = z_buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            ls = ls_buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            torch.mm(_scaled_hidden(hidden[start:stop], temperature), w32.T, out=z)
+            torch.log_softmax(z, -1, out=ls)
+            valid = targets[start:stop] != IGNORE_INDEX
+            safe = torch.where(valid, targets[start:stop], 0)[:, None]
+            logp[start:stop] = torch.where(valid, ls.gather(1, safe)[:, 0], 0.0)
+            # lse = z − log softmax(z) in any column; at the max, log softmax ∈ [−log V, 0]: no cancellation
+            z_max, at_max = z.max(-1, keepdim=True)
+            lse[start:stop] = (z_max - ls.gather(1, at_max))[:, 0]
             if return_entropy:
-                logp[rows], entropy[rows] = out
-            else:
-                logp[rows] = out
-        ctx.save_for_backward(hidden, weight, targets)
+                p = torch.exp(ls, out=z)
+                entropy[start:stop] = torch.where(valid, -_row_dot(p, ls), 0.0)  # H = −Σ p·log p
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.return_entropy, ctx.chunk_rows = temperature, return_entropy, chunk_rows
         ctx.mark_non_differentiable(targets)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
+        n, vocab = hidden.shape[0], weight.shape[0]
         w32 = weight.float()
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h = hidden[rows].float()
-            z = (h @ w32.T) / temperature
-            valid = targets[rows] != IGNORE_INDEX
-            p = torch.softmax(z, dim=-1)
-            g_logp = torch.where(valid, grad_logp[rows].float(), 0.0)
-            grad_z = -p * g_logp[:, None]  # ∂logp/∂z = onehot − p
-            grad_z.scatter_add_(1, torch.where(valid, targets[rows], 0)[:, None], g_logp[:, None])
-            if ctx.return_entropy and grad_entropy is not None:
-                g_ent = torch.where(valid, grad_entropy[rows].float(), 0.0)
-                mean_z = (p * z).sum(-1, keepdim=True)
-                grad_z -= g_ent[:, None] * p * (z - mean_z)  # ∂H/∂z = −p (z − E_p[z])
-            grad_z /= temperature
+        with_entropy = ctx.return_entropy and grad_entropy is not None
+        rows = min(n, chunk_rows)
+        z_buffer = hidden.new_empty(rows * vocab, dtype=torch.float32)
+        p_buffer = hidden.new_empty(rows * vocab, dtype=torch.float32) if with_entropy else None
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            h = hidden[start:stop].float()
+            valid = targets[start:stop] != IGNORE_INDEX
+            # ∂/∂z of g·logp + g_H·H, with the 1/T of ∂z/∂h folded into the per-row coefficients
+            g = torch.where(valid, grad_logp[start:stop].float(), 0.0) / temperature
+            ls = z_buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            torch.mm(_scaled_hidden(hidden[start:stop], temperature), w32.T, out=ls)
+            ls.sub_(lse[start:stop, None])  # log p
+            if with_entropy:
+                # ∂H/∂z = −p (z − E_p[z]) = −p (log p + H):  g_z = p·(−g − g_H (log p + H)) + g·onehot
+                g_ent = torch.where(valid, grad_entropy[start:stop].float(), 0.0) / temperature
+                p = torch.exp(ls, out=p_buffer[: (stop - start) * vocab].view(stop - start, vocab))
+                grad_z = ls.add_(entropy[start:stop, None]).mul_(-g_ent[:, None]).sub_(g[:, None]).mul_(p)
+            else:
+                grad_z = ls.exp_().mul_(-g[:, None])  # ∂logp/∂z = onehot − p
+            grad_z.scatter_add_(1, torch.where(valid, targets[start:stop], 0)[:, None], g[:, None])
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_z @ w32
+                torch.mm(grad_z, w32, out=grad_hidden[start:stop])
             if grad_weight is not None:
-                grad_weight += grad_z.T @ h
+                grad_weight.addmm_(grad_z.T, h)  # in place: no fresh [V, H] per chunk
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -126,6 +162,75 @@ class _LinearLogprobsChunked(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_ij·b_ij per row, without an [rows, V] temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
+class _LinearCrossEntropyChunked(torch.autograd.Function):
+    """3-GEMM weighted cross-entropy: with the row weights known at forward time, dH and dW are computed in
+    the forward and backward only scales them by the upstream scalar.
+
+    Per chunk: z = (h/T)·Wᵀ (GEMM 1) → log_softmax into a second buffer → loss terms, entropy → the logit
+    gradient c_i (p − onehot) in place over z, c_i = scale·w_i/T → dH rows = that·W (GEMM 2) and
+    dW += thatᵀ·h accumulated in place into one fp32 [V, H] (GEMM 3)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, row_weights, temperature, reduction, return_entropy, chunk_rows,
+                with_grad):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        need_hidden, need_weight = (with_grad and need for need in ctx.needs_input_grad[:2])
+        valid_all = targets != IGNORE_INDEX
+        scale = 1.0 / valid_all.sum().clamp(min=1).float() if reduction == "mean" else torch.ones(())
+        coef_all = torch.where(valid_all, scale * row_weights / temperature, 0.0)  # ∂loss/∂z = c (p − onehot)
+        logp = hidden.new_zeros(n, dtype=torch.float32)
+        entropy = torch.zeros_like(logp) if return_entropy else None
+        w32 = weight.float()
+        grad_hidden = hidden.new_empty(hidden.shape, dtype=torch.float32) if need_hidden else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
+        rows = min(n, chunk_rows)
+        z_buffer, ls_buffer = (hidden.new_empty(rows * vocab, dtype=torch.float32) for _ in range(2))
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            z = z_buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            ls = ls_buffer[: (stop - start) * vocab].view(stop - start, vocab)
+            h = hidden[start:stop].float()
+            torch.mm(h if temperature == 1.0 else h / temperature, w32.T, out=z)
+            torch.log_softmax(z, -1, out=ls)
+            valid = valid_all[start:stop]
+            safe = torch.where(valid, targets[start:stop], 0)[:, None]
+            logp[start:stop] = torch.where(valid, ls.gather(1, safe)[:, 0], 0.0)
+            if not (return_entropy or need_hidden or need_weight):
+                continue
+            p = torch.exp(ls, out=z)
+            if return_entropy:
+                entropy[start:stop] = torch.where(valid, -_row_dot(p, ls), 0.0)
+            if not (need_hidden or need_weight):
+                continue
+            coef = coef_all[start:stop, None]
+            grad_z = p.mul_(coef).scatter_add_(1, safe, -coef)
+            if need_hidden:
+                torch.mm(grad_z, w32, out=grad_hidden[start:stop])
+            if need_weight:
+                grad_weight.addmm_(grad_z.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        loss = -(logp * row_weights).sum() * scale
+        extras = (logp,) if entropy is None else (logp, entropy)  # for logging only
+        ctx.mark_non_differentiable(*extras)
+        return loss, *extras
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden * grad_loss).to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+        return grad_hidden, grad_weight, *([None] * 7)
 
 
 def linear_logprobs_chunked(
@@ -160,23 +265,18 @@ def linear_cross_entropy_chunked(
     """−Σ w_i·logp_i over non-ignored rows (`sum`), or that divided by their count (`mean`, 0 when none);
     w = row_weights (constants, default 1). With return_logprobs / return_entropy also the detached
     per-row log-probs / entropies, in that order."""
-    if row_weights is not None and row_weights.shape != targets.shape:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if row_weights is None:
+        row_weights = hidden.new_ones((), dtype=torch.float32)
+    elif row_weights.shape != targets.shape:
         raise ValueError(f"row_weights must be [N] = [{targets.shape[0]}], got {tuple(row_weights.shape)}")
-    out = linear_logprobs_chunked(hidden, weight, targets, temperature=temperature,
-                                  return_entropy=return_entropy, chunk_rows=chunk_rows)
-    logp, entropy = out if return_entropy else (out, None)
-    weighted = logp if row_weights is None else logp * row_weights.detach().float()
-    loss = _reduce(-weighted.sum(), targets, reduction)
-    extras = ([logp.detach()] if return_logprobs else []) + ([entropy.detach()] if return_entropy else [])
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, logp, *entropy = _LinearCrossEntropyChunked.apply(
+        hidden, weight, targets, row_weights.detach().float(), float(temperature), reduction, return_entropy,
+        chunk_rows or chunk_rows_for(weight.shape[0]), with_grad)
+    extras = ([logp] if return_logprobs else []) + (entropy if return_entropy else [])
     return (loss, *extras) if extras else loss
-
-
-def _reduce(total: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
 def cross_entropy_fallback(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -197,6 +197,21 @@ class ModelConfig:
         """A copy with fields changed: `cfg.replace(rope_theta=300000.0, max_position_embeddings=32768)`."""
         return dataclasses.replace(self, **changes)
 
+    def raised(self, **at_least: float | None) -> tuple[ModelConfig, list[str]]:
+        """A copy with fields raised to at least the values given (None: unchanged), never lowered, and a
+        sentence per value given that differs from the config's: the value set and the one it replaced, or the
+        config's kept. For rope_theta and max_position_embeddings: a model keeps the RoPE base and length it
+        was trained with (`cfg.raised(rope_theta=300000.0)` leaves a Qwen3 config's 1e6 as it is)."""
+        changes, notes = {}, []
+        for key, asked in at_least.items():
+            own = getattr(self, key)
+            if asked is not None and asked > own:
+                changes[key] = asked
+                notes.append(f"{key}: {asked:g} replaces the model's {own:g}")
+            elif asked is not None and asked < own:
+                notes.append(f"{key}: the model's {own:g} is kept, not lowered to {asked:g}")
+        return self.replace(**changes), notes
+
 
 def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """Map a config.json dict onto ModelConfig fields, mirroring how transformers 5.x resolves each one."""

@@ -40,7 +40,7 @@ rewards = torch.randint(0, 2, (groups * size,), generator=g).float()
 batch = Rollouts(prompts, completions, logps, rewards, rewards, torch.zeros_like(rewards), size, pad_id=0)
 advantages = group_advantages(rewards, size)
 units = [u for u in range(groups * size) if (u // size) % d.world == d.rank]  # whole groups per rank
-sums, _, _ = train.grpo_update(args, model, None, batch, advantages, units, 1.0, d, lambda cu: 0.0)
+sums, _ = train.grpo_update(args, model, None, batch, advantages, units, 1.0, d)
 row = train.optimizer_step(run, sums)
 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 row["checksum"] = float(

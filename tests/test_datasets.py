@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from test_tokenizer import make_tiny_tokenizer
 
-from data.datasets import LengthRules, TokenizeJob, load_pairs, load_rl, load_sft, tokenize_records
+from data.datasets import load_pairs, load_rl, load_sft
+from data.length_rules import LengthRules
+from data.tokenization import TokenizeJob, tokenize_records
 from data.tokenizer import Tokenizer
 
 
@@ -163,8 +165,35 @@ def test_bad_parquet_row_and_missing_pyarrow(tok, tmp_path, monkeypatch):
     assert len(load_pairs(tmp_path / "pairs.parquet", tok, skip_bad=True)) == 1
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError, match="pairs.parquet: reading Parquet needs pyarrow"):
+    with pytest.raises(ImportError, match="pairs.parquet: reading Parquet needs pyarrow") as error:
         load_pairs(tmp_path / "pairs.parquet", tok)
+    assert isinstance(error.value, ValueError)  # what the entry points report as one line
+
+
+def test_missing_pyarrow_is_one_line_from_the_command_lines(tok, tmp_path, monkeypatch, capsys):
+    """train.py --data x.parquet and the OpenR1 recipe on Parquet without pyarrow: one line naming the file
+    and the package, exit 2 (it was the right sentence inside a 16-frame traceback)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import cli_error
+
+    import train
+    from data.recipes import openr1
+
+    pq.write_table(pa.Table.from_pylist([{"messages": chat("q", "a")}]), tmp_path / "x.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.delenv("NANOREASON_DEBUG", raising=False)
+    tok_dir = make_tiny_tokenizer(tmp_path / "tok")
+    argv = ["--model", "tiny", "--tokenizer", str(tok_dir), "--data", str(tmp_path / "x.parquet"), "--out",
+            str(tmp_path / "run")]
+    line = cli_error(train.main, "train.py", argv, capsys)
+    assert line == (f"train.py: {tmp_path / 'x.parquet'}: reading Parquet needs pyarrow, which is not "
+                    "installed (pip install -r requirements.txt)")
+    line = cli_error(openr1.main, "python -m data.recipes.openr1", ["--input", str(tmp_path / "x.parquet"),
+                                                                    "--out", str(tmp_path / "o")], capsys)
+    assert line.endswith(f"{tmp_path / 'x.parquet'}: reading Parquet needs pyarrow, which is not installed "
+                         "(pip install -r requirements.txt)")
 
 
 def lengths_of(tok, problem: str, answer: str) -> tuple[int, int]:

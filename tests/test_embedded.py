@@ -241,10 +241,10 @@ def test_train_hands_the_whole_command_line_to_the_demo_and_a_stage_file_to_trai
     """train.py → embedded, one way: with no --data/--model/--init the demo gets the command line, its own
     flags included (train.py's parser does not know --seeds); a stage.toml that names the data trains."""
     seen = {}
-    monkeypatch.setattr(command, "main", lambda argv: seen.setdefault("demo", argv))
+    monkeypatch.setattr(command, "main", lambda argv, prog: seen.setdefault("demo", (argv, prog)))
     monkeypatch.setattr(train, "train", lambda args: seen.setdefault("train", args))
     train.main(["--objective", "redi", "--seeds", "3"])
-    assert seen.pop("demo") == ["--objective", "redi", "--seeds", "3"]
+    assert seen.pop("demo") == (["--objective", "redi", "--seeds", "3"], "train.py")
     config = tmp_path / "stage.toml"
     config.write_text('data = "x.jsonl"\nmodel = "tiny"\ntokenizer = "tok"\n')
     train.main(["--config", str(config)])
@@ -275,11 +275,11 @@ def test_a_stage_toml_reads_back_as_the_stage_settings(stage, tmp_path):
     args = stages.stage_args(stage, {"lr": 3e-4}, {
         "model": "tiny", "tokenizer": "tok", "data": "d.jsonl", "eval_data": "val.jsonl", "init": "sft/hf",
         "out": tmp_path / stage, "cache_dir": tmp_path / ".cache", "resume_or_start": True})
-    (tmp_path / "stage.toml").write_text(stages.toml_text(args))
+    (tmp_path / "stage.toml").write_text(flags.as_toml(args))
     back = flags.parse_args(["--config", str(tmp_path / "stage.toml")])
 
     def settings(ns):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(ns).items()
-                if k not in stages.NOT_WRITTEN}
+                if k not in flags.NOT_CONFIG}
 
     assert settings(back) == settings(args)

@@ -136,7 +136,7 @@ ENTRY_POINTS = {  # a bad input for each entry point -> what its one line must s
     "synthetic": (["-m", "data.synthetic", "--out", "{tmp}/task", "--direct-error-rate", "2"],
                   "python -m data.synthetic: TaskParams.direct_error_rate = 2.0"),
     "openr1": (["-m", "data.recipes.openr1", "--input", "{tmp}/none.jsonl", "--out", "{tmp}/o"],
-               "python -m data.recipes.openr1: [Errno 2] No such file or directory"),
+               "python -m data.recipes.openr1: {tmp}/none.jsonl: no such file or directory ({tmp} is empty)"),
     "bench.generate": (["-m", "bench.generate", "--dry-run", "--repeats", "0"],
                        "python -m bench.generate: --repeats 0: out of range, must be >= 1"),
     "bench.train_step": (["-m", "bench.train_step", "--dry-run", "--steps", "0"],
@@ -149,7 +149,7 @@ ENTRY_POINTS = {  # a bad input for each entry point -> what its one line must s
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
 def test_every_entry_point_answers_with_one_line(name, tmp_path):
     argv, message = ENTRY_POINTS[name]
-    argv = [a.format(tmp=tmp_path) for a in argv]
+    argv, message = [a.format(tmp=tmp_path) for a in argv], message.format(tmp=tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "NANOREASON_DEBUG"}
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -185,10 +185,12 @@ def test_evaluate_from_code(task):
     assert len(texts) == 1 and texts[0][0] == texts[0][1] and texts[0][0].startswith("<think>\n")
 
 
-@pytest.mark.parametrize("source", ["math500", "file"])
-def test_training_evaluation_is_eval_py_evaluation(tmp_path, source):
+@pytest.mark.parametrize("source", ["math500", "file", "other file"])
+def test_training_evaluation_is_eval_py_evaluation(tmp_path, monkeypatch, source):
     """train.py's in-run evaluation (--eval-data) samples the prompts eval.py samples, the boxed-answer
-    suffix of a named benchmark included (it once dropped it), so a model scores the same through both."""
+    suffix of a benchmark included (it once dropped it), so a model scores the same through both. The name
+    reads the local copy NANOREASON_BENCHMARKS points at; the same file given by path gets the same suffix;
+    a file named otherwise (a data file) gets none."""
     import torch
     from conftest import BENCHMARKS, require
 
@@ -197,8 +199,10 @@ def test_training_evaluation_is_eval_py_evaluation(tmp_path, source):
     from eval import evaluate_shards
     from model import ModelConfig, Transformer
 
-    spec = str(require(BENCHMARKS / "math500.jsonl")) if source == "file" else "math500"
-    require(BENCHMARKS / "math500.jsonl")
+    monkeypatch.setenv("NANOREASON_BENCHMARKS", str(require(BENCHMARKS)))
+    spec = {"math500": "math500", "file": str(require(BENCHMARKS / "math500.jsonl")),
+            "other file": str(tmp_path / "problems.jsonl")}[source]
+    (tmp_path / "problems.jsonl").write_bytes((BENCHMARKS / "math500.jsonl").read_bytes())
     texts = ["What is $x$? \\boxed{2} Please reason step by step, and put your final answer within."] * 4
     backend = train_tokenizer(texts, 300)
     model_dir = tmp_path / "model"
@@ -216,7 +220,7 @@ def test_training_evaluation_is_eval_py_evaluation(tmp_path, source):
     args = train.parse_args(["--eval-data", spec, "--eval-limit", "3", "--eval-n", "2", "--eval-temperature",
                              "1.0", "--eval-max-new-tokens", "6", "--eval-every", "1"])
     problems, options = train.eval_settings(args)
-    assert options["prompt_suffix"] == (BOXED_INSTRUCTION if source == "math500" else "")
+    assert options["prompt_suffix"] == ("" if source == "other file" else BOXED_INSTRUCTION)
     ours = evaluate_shards(model, tok, problems, seed=4 * 1_000_003, **options)
     theirs = next(iter(report["benchmarks"].values()))["problems"]
     assert [p.completions for p in ours.problems] == [p["completions"] for p in theirs]

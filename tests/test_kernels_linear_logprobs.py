@@ -209,12 +209,14 @@ def test_linear_cross_entropy_vs_float64(name, reduction, dtype):
 @pytest.mark.parametrize("name", LINEAR_CROSS_ENTROPY_NAMES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weighted_linear_cross_entropy_vs_float64(name, reduction, dtype):
+@pytest.mark.parametrize("n,ignored", [(13, 0.3), (1, 0.0), (50, 0.1), (5, 1.0)])
+def test_weighted_linear_cross_entropy_vs_float64(name, reduction, dtype, n, ignored):
     """Σ w_i·(−logp_i) with weights of both signs (REDI's chosen and rejected rows), and the detached
-    per-row log-probs and entropies it returns beside the loss."""
+    per-row log-probs and entropies it returns beside the loss; one row, many chunks (50 rows in chunks of
+    3: the last one short), and every row ignored."""
     fn = LINEAR_CROSS_ENTROPY[name]
-    h, w, targets, row_weights, _ = random_problem(13, 1037, 48, dtype, 0.3, seed=17)
-    row_weights = row_weights.float()
+    h, w, targets, row_weights, _ = random_problem(n, 1037, 48, dtype, ignored, seed=17 + n)
+    row_weights = (row_weights.abs() * (1 - 2 * (torch.arange(n) % 2))).float()  # +, −, +, ...
 
     def grads(f, dt):
         hh, ww = h.detach().to(dt).requires_grad_(True), w.detach().to(dt).requires_grad_(True)
@@ -225,7 +227,7 @@ def test_weighted_linear_cross_entropy_vs_float64(name, reduction, dtype):
     def reference(hh, ww, t):
         logp, ent = linear_logprobs_reference(hh, ww, t, temperature=0.7, return_entropy=True)
         total = -(logp * row_weights.double()).sum()
-        return (total if reduction == "sum" else total / (t != IGNORE_INDEX).sum()), logp, ent
+        return (total if reduction == "sum" else total / (t != IGNORE_INDEX).sum().clamp(min=1)), logp, ent
 
     loss, logp, ent, dh, dw = grads(lambda hh, ww, t: fn(
         hh, ww, t, temperature=0.7, reduction=reduction, row_weights=row_weights, return_logprobs=True,
@@ -236,13 +238,17 @@ def test_weighted_linear_cross_entropy_vs_float64(name, reduction, dtype):
         atol = 2**-8 * (h.double() @ w.double().T / 0.7).abs().max().item()
     assert loss.dtype == logp.dtype == ent.dtype == torch.float32 and loss.shape == ()
     assert not logp.requires_grad and not ent.requires_grad
-    torch.testing.assert_close(loss.double(), rloss, atol=atol * (13 * 3 if reduction == "sum" else 3),
+    torch.testing.assert_close(loss.double(), rloss, atol=atol * (n * 3 if reduction == "sum" else 3),
                                rtol=rtol)
     torch.testing.assert_close(logp.double(), rlogp.detach(), atol=atol, rtol=0)
     torch.testing.assert_close(ent.double(), rent.detach(), atol=2 * atol, rtol=0)
-    assert_rel_close(dh, rdh, rtol, "dH")
-    assert_rel_close(dw, rdw, rtol, "dW")
+    if ignored == 1.0:  # no loss token: zero loss, zero gradients (the reference's are zero too)
+        assert loss.item() == 0 and (dh == 0).all() and (dw == 0).all()
+    else:
+        assert_rel_close(dh, rdh, rtol, "dH")
+        assert_rel_close(dw, rdw, rtol, "dW")
     assert (dh[targets == IGNORE_INDEX] == 0).all()
+    assert (logp[targets == IGNORE_INDEX] == 0).all() and (ent[targets == IGNORE_INDEX] == 0).all()
     only_loss = fn(h, w, targets, temperature=0.7, reduction=reduction, row_weights=row_weights)
     assert isinstance(only_loss, torch.Tensor) and only_loss.shape == ()
     with pytest.raises(ValueError, match="row_weights"):

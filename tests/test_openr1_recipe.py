@@ -1,6 +1,8 @@
-"""The REDI recipe on a small OpenR1-Math-Raw fixture (tests/fixtures/openr1_math_raw_sample.jsonl): which
+"""The OpenR1 recipe on a small OpenR1-Math-Raw fixture (tests/fixtures/openr1_math_raw_sample.jsonl): which
 rows become positives and pairs, and why the others do not (REDI's rule for a missing verdict, and the other
-one); JSONL, Parquet and directories read alike."""
+one); JSONL, Parquet and directories read alike. On OpenR1-Math-220k's two configurations, laid out as on its
+dataset card; every file the Phi-4-mini-reasoning chain reads; and bad input (a missing column, an unknown
+verifier, a path that does not exist, a run that keeps nothing) as one line, with no *.part file left."""
 
 import json
 from collections import Counter
@@ -77,7 +79,9 @@ def test_fixture_jsonl(tmp_path):
     check_outputs(tmp_path)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["counts"] == EXPECTED_COUNTS
-    assert stats["verifiers"] == ["llama_verification", "math_verify_reparsed_answer"]
+    assert stats["layouts"] == {"OpenR1-Math-Raw": {"verifiers": ["llama_verification",
+                                                                  "math_verify_reparsed_answer"],
+                                                    "agree": "all"}}
     assert stats["excluded_sources"] == ["cn_k12"] and stats["missing_verdict"] == "incorrect"
     assert not list(tmp_path.glob("*.part"))
 
@@ -143,7 +147,148 @@ def test_bad_input_names_file_and_line(tmp_path):
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n{not json\n")
     with pytest.raises(ValueError, match=f"{bad}:2: not valid JSON"):
         build(bad, tmp_path / "out")
+    (tmp_path / "out").mkdir(exist_ok=True)
     with pytest.raises(FileNotFoundError):
         list(read_rows(tmp_path / "out"))
-    with pytest.raises(ValueError, match="expected a .parquet or .jsonl"):
+    with pytest.raises(FileNotFoundError, match="bad.csv: no such file or directory .* bad.jsonl, out"):
+        list(read_rows(tmp_path / "bad.csv"))  # a path that does not exist: named, with what is there
+    (tmp_path / "bad.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="bad.csv: expected a .parquet, .jsonl file"):
         list(read_rows(tmp_path / "bad.csv"))
+
+
+# ---- OpenR1-Math-220k, the Phi chain's files, bad input ---------------------------------------------------
+
+
+def math_220k_row(uuid, generations, math_verify, llama=None, source="olympiads", answer="61"):
+    """A row as OpenR1-Math-220k's card lays it out (both configurations have the same columns)."""
+    return {"problem": f"Problem {uuid}: what is $7 \\cdot 8 + 5$?", "solution": "... 61.", "answer": answer,
+            "problem_type": "Algebra", "question_type": "math-word-problem", "source": source, "uuid": uuid,
+            "is_reasoning_complete": [True] * len(generations), "generations": generations,
+            "correctness_math_verify": math_verify, "correctness_llama": llama,
+            "finish_reasons": [None] * len(generations), "correctness_count": sum(map(bool, math_verify)),
+            "messages": [{"role": "user", "content": "..."},
+                         {"role": "assistant", "content": generations[0]}]}
+
+
+RIGHT, WRONG, ALSO_RIGHT = "<think>56+5</think> \\boxed{61}", "<think>54+5</think> \\boxed{59}", "\\boxed{61}"
+DEFAULT = [math_220k_row("k1-math-verify", [WRONG, RIGHT], [False, True]),
+           math_220k_row("k2-llama-rescues", [RIGHT, WRONG], [False, False], llama=[True, False]),
+           math_220k_row("k3-all-correct", [RIGHT, ALSO_RIGHT], [True, True])]
+EXTENDED = [math_220k_row("k4-cn-k12", [RIGHT, WRONG], [True, False], source="cn_k12"),
+            math_220k_row("k5-no-answer", [RIGHT], [True], answer=""),
+            math_220k_row("k6-null-verdict", [WRONG, RIGHT], [None, True])]
+
+
+@pytest.fixture
+def math_220k(tmp_path):
+    """OpenR1-Math-220k as downloaded: default/ and extended/, Parquet shards with the card's column types
+    (correctness_llama a list<bool> column, null where the judge did not run)."""
+    root = tmp_path / "OpenR1-Math-220k"
+    schema = pa.Table.from_pylist(DEFAULT).schema  # k2's judge list gives the column its list<bool> type
+    for config, rows in (("default", DEFAULT), ("extended", EXTENDED)):
+        (root / config).mkdir(parents=True)
+        shard = root / config / "train-00000-of-00001.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), shard)
+    return root
+
+
+def test_math_220k_both_configurations(math_220k, tmp_path):
+    """The dataset's own rule (correct when Math-Verify or the Llama judge says so; the judge abstains where
+    it did not run), no problem_is_valid to check, REDI's source exclusion and missing-verdict rule."""
+    counts = build(math_220k, tmp_path / "out")
+    assert counts["rows"] == 6 and counts["positives"] == 5 and counts["pairs"] == 3
+    assert counts["skipped_excluded_source"] == 1 and "skipped_invalid_problem" not in counts
+    out = tmp_path / "out"
+    pairs = {r["id"]: (r["chosen"], r["rejected"]) for r in read_jsonl(out / "pairs.jsonl")}
+    assert pairs == {"k1-math-verify": (RIGHT, WRONG), "k2-llama-rescues": (RIGHT, WRONG),
+                     "k6-null-verdict": (RIGHT, WRONG)}
+    corpus = [(r["id"], r["messages"][1]["content"]) for r in read_jsonl(out / "corpus.jsonl")]
+    assert corpus == [("k1-math-verify", RIGHT), ("k2-llama-rescues", RIGHT), ("k3-all-correct", RIGHT),
+                      ("k3-all-correct", ALSO_RIGHT), ("k5-no-answer", RIGHT), ("k6-null-verdict", RIGHT)]
+    rl = read_jsonl(out / "rl.jsonl")
+    assert [r["id"] for r in rl] == ["k1-math-verify", "k2-llama-rescues", "k3-all-correct",
+                                     "k6-null-verdict"]  # k5 has no answer
+    assert rl[0] == {"id": "k1-math-verify", "problem": DEFAULT[0]["problem"], "answer": "61"}
+    stats = json.loads((out / "stats.json").read_text())
+    verifiers = ["correctness_math_verify", "correctness_llama"]
+    assert stats["layouts"] == {"OpenR1-Math-220k": {"verifiers": verifiers, "agree": "any"}}
+    assert stats["written"] == {"sft.jsonl": 5, "pairs.jsonl": 3, "corpus.jsonl": 6, "rl.jsonl": 4}
+    assert build(math_220k / "default", tmp_path / "default")["positives"] == 3  # one configuration
+    assert build(math_220k / "extended", tmp_path / "extended")["positives"] == 2
+    # every verifier must agree: the judge's list is missing where it did not run, so those rows drop out
+    with pytest.raises(ValueError, match="no row kept .*no_correct_generation 1, .*verifier_missing 4"):
+        build(math_220k, tmp_path / "strict", agree="all")
+    build(math_220k, tmp_path / "mv", verifiers=("correctness_math_verify",), agree="all")
+    mv_pairs = [r["id"] for r in read_jsonl(tmp_path / "mv" / "pairs.jsonl")]
+    assert mv_pairs == ["k1-math-verify", "k6-null-verdict"]  # k2's right answer only the judge saw
+
+
+def test_the_phi_chain_reads_every_file_written(tmp_path):
+    """corpus.jsonl (mid-training), sft.jsonl, pairs.jsonl, rl.jsonl (GRPO, and eval.py's rollout prompts)
+    load with the readers train.py and eval.py use."""
+    from test_tokenizer import make_tiny_tokenizer
+
+    from data.benchmarks import load_problems
+    from data.datasets import load_pairs, load_rl, load_sft
+    from data.tokenizer import Tokenizer
+
+    build(FIXTURE, tmp_path / "out")
+    out, tok = tmp_path / "out", Tokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))
+    rows = fixture_rows()
+    corpus = read_jsonl(out / "corpus.jsonl")
+    assert [r["id"] for r in corpus] == ["r1-mixed", "r1-mixed", "r2-all-correct", "r2-all-correct",
+                                         "r5-valid-case", "r7-null-verdict", "r8-disagree", "r12-reparsed",
+                                         "r12-reparsed"]  # every correct generation of a kept row
+    assert corpus[1]["messages"][1]["content"] == rows["r1-mixed"]["generations"][2]
+    assert len(load_sft(out / "corpus.jsonl", tok)) == len(corpus) == EXPECTED_COUNTS["generations_correct"]
+    assert len(load_sft(out / "sft.jsonl", tok)) == EXPECTED_COUNTS["positives"]
+    assert len(load_pairs(out / "pairs.jsonl", tok)) == EXPECTED_COUNTS["pairs"]
+    problems = load_rl(out / "rl.jsonl", tok)
+    assert [(p.problem, p.answer) for p in problems] == [(rows[k]["problem"], rows[k]["answer"])
+                                                         for k in EXPECTED]
+    name, rollout_prompts, suffix = load_problems(str(out / "rl.jsonl"))
+    assert [p.id for p in rollout_prompts] == list(EXPECTED) and suffix == ""
+
+
+def test_bad_input_is_one_line_naming_what_exists(tmp_path, capsys):
+    from conftest import cli_error
+
+    prog = "python -m data.recipes.openr1"
+
+    def error(*argv: str) -> str:
+        line = cli_error(main, prog, ["--out", str(tmp_path / "out"), *argv], capsys)
+        assert not list(tmp_path.rglob("*.part")), line
+        return line
+
+    line = error("--input", str(FIXTURE), "--verifiers", "llama")
+    assert line == (f"{prog}: {FIXTURE}: no verifier llama (OpenR1-Math-Raw; its verifiers: "
+                    "llama_verification, math_verify_answer, math_verify_reparsed_answer)")
+    columns = {k: v for k, v in fixture_rows()["r1-mixed"].items() if k != "correctness"}
+    (tmp_path / "no_verdicts.jsonl").write_text(json.dumps(columns) + "\n")
+    line = error("--input", str(tmp_path / "no_verdicts.jsonl"))
+    assert line.startswith(f"{prog}: {tmp_path / 'no_verdicts.jsonl'}: not laid out as OpenR1-Math-Raw: no "
+                           "column correctness (it has uuid, problem, ")
+    assert "OpenR1-Math-220k has problem, generations, correctness_math_verify" in line
+    line = error("--input", str(tmp_path / "OpenR1-Math-Raw"))
+    assert line == f"{prog}: {tmp_path / 'OpenR1-Math-Raw'}: no such file or directory ({tmp_path} holds: " \
+                   "no_verdicts.jsonl)"
+    sources = ",".join(sorted({row.get("source") or "" for row in fixture_rows().values()}))
+    line = error("--input", str(FIXTURE), "--exclude-sources", sources)
+    assert line.startswith(f"{prog}: {FIXTURE}: no row kept (rows 12, skipped_excluded_source ") and \
+        "--exclude-sources" in line
+    assert not (tmp_path / "out" / "sft.jsonl").exists()
+
+
+def test_a_failure_mid_run_leaves_no_part_file(tmp_path, monkeypatch):
+    from data.recipes import openr1
+
+    monkeypatch.setattr(openr1, "SCHEMA_ROWS", 2)  # the layout is told from 2 rows: the bad one comes later
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = FIXTURE.read_text().splitlines()
+    (data / "a.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    (data / "b.jsonl").write_text("\n".join(lines[6:]) + "\n" + '{"problem": "x", "generations": [1]' + "\n")
+    with pytest.raises(ValueError, match=f"{data / 'b.jsonl'}:7: not valid JSON"):
+        build(data, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no .part, no half output

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.datasets import TokenizedDataset
-from data.packing import IGNORE, PackedBatch, StepSampler, best_fit_decreasing, collate, pack_stream
+from data.packing import IGNORE, PackedBatch, StepPlan, best_fit_decreasing, collate, pack_stream
+from data.tokenized_dataset import TokenizedDataset
 
 
 def make_dataset(lengths, kind="sft", seed=0, pad_id=0) -> TokenizedDataset:
@@ -54,10 +54,16 @@ def test_collate_sft_and_pairs():
     batch = collate(ds, [2, 0, 3])
     check_batch(batch, [ds[2], ds[0], ds[3]])
     assert batch.doc_index.tolist() == [2, 0, 3]
+    assert batch.chosen_doc.tolist() == batch.rejected_doc.tolist() == []  # no pairs
+    assert (batch.units("tokens"), batch.units("sequences"), batch.units("pairs")) == \
+        (batch.num_loss_tokens, 3, 0)
     pairs = make_dataset([4, 6, 5, 5, 8, 3], kind="pairs")
     batch = collate(pairs, [2, 0])
     check_batch(batch, [pairs[2][0], pairs[2][1], pairs[0][0], pairs[0][1]])  # chosen, rejected, chosen, ...
     assert batch.doc_index.tolist() == [2, 2, 0, 0]
+    # the pair layout, named in the batch: pair b is documents chosen_doc[b] and rejected_doc[b]
+    assert batch.chosen_doc.tolist() == [0, 2] and batch.rejected_doc.tolist() == [1, 3]
+    assert batch.units("pairs") == 2 and batch.units("sequences") == 4
     # loss tokens: exactly the completion tokens after a document's first (their predecessor predicts them)
     assert batch.num_loss_tokens == sum(int(m[1:].sum()) for u in (2, 0) for _, m in pairs[u])
     moved = batch.to("cpu")
@@ -96,8 +102,8 @@ def test_best_fit_decreasing_respects_the_budget_and_packs_tightly():
 def test_plan_covers_every_unit_once_per_epoch(world_size, drop_last):
     rng = np.random.default_rng(world_size)
     lengths = rng.integers(1, 300, size=103)
-    samplers = [
-        StepSampler(
+    plans = [
+        StepPlan(
             lengths,
             batch_size=16,
             token_budget=512,
@@ -108,12 +114,12 @@ def test_plan_covers_every_unit_once_per_epoch(world_size, drop_last):
         )
         for r in range(world_size)
     ]
-    steps = samplers[0].steps_per_epoch
+    steps = plans[0].steps_per_epoch
     assert steps == (103 // 16 if drop_last else 7)
     for epoch in range(2):
         seen = []
         for _ in range(steps):
-            per_rank = [s.next_step() for s in samplers]
+            per_rank = [s.next_step() for s in plans]
             assert (
                 len({len(micro) for micro in per_rank}) == 1
             )  # every rank: the same number of micro-batches
@@ -125,50 +131,50 @@ def test_plan_covers_every_unit_once_per_epoch(world_size, drop_last):
             biggest_bin = max(int(lengths[units].sum()) for micro in per_rank for units in micro)
             assert max(loads) - min(loads) <= biggest_bin  # balanced to within one micro-batch
         assert len(seen) == len(set(seen)) == (steps * 16 if drop_last else 103)
-        assert all(s.epoch == epoch + 1 and s.step == 0 for s in samplers)
+        assert all(s.epoch == epoch + 1 and s.step == 0 for s in plans)
 
 
 def test_pairs_travel_together():
     pairs = make_dataset(np.random.default_rng(1).integers(5, 60, size=2 * 40), kind="pairs")
-    sampler = StepSampler(pairs.lengths, batch_size=8, token_budget=256, world_size=2, rank=1, seed=0)
-    for _ in range(sampler.steps_per_epoch):
-        for units in sampler.next_step():
+    plan = StepPlan(pairs.lengths, batch_size=8, token_budget=256, world_size=2, rank=1, seed=0)
+    for _ in range(plan.steps_per_epoch):
+        for units in plan.next_step():
             batch = collate(pairs, units)
-            docs = batch.doc_index.tolist()
-            assert docs[0::2] == docs[1::2] == units  # [chosen_0, rejected_0, chosen_1, ...]
+            docs = batch.doc_index
+            assert docs[batch.chosen_doc].tolist() == docs[batch.rejected_doc].tolist() == units
             assert batch.tokens.shape[0] <= 256
 
 
 def test_plan_is_deterministic_and_reshuffles_per_epoch():
     lengths = np.random.default_rng(2).integers(1, 50, size=64)
-    a, b = (StepSampler(lengths, batch_size=8, token_budget=128, seed=3) for _ in range(2))
+    a, b = (StepPlan(lengths, batch_size=8, token_budget=128, seed=3) for _ in range(2))
     assert [a.next_step() for _ in range(20)] == [b.next_step() for _ in range(20)]
-    other = StepSampler(lengths, batch_size=8, token_budget=128, seed=4)
+    other = StepPlan(lengths, batch_size=8, token_budget=128, seed=4)
     assert not np.array_equal(a.order(0), other.order(0))
     assert not np.array_equal(a.order(0), a.order(1)) and sorted(a.order(1)) == list(range(64))
-    assert np.array_equal(a.order(1), StepSampler(lengths, batch_size=8, token_budget=128, seed=3).order(1))
+    assert np.array_equal(a.order(1), StepPlan(lengths, batch_size=8, token_budget=128, seed=3).order(1))
 
 
 def test_resume_continues_the_uninterrupted_sequence():
     lengths = np.random.default_rng(4).integers(1, 90, size=50)
     kwargs = dict(batch_size=6, token_budget=200, world_size=2, rank=0, seed=11)
-    uninterrupted = StepSampler(lengths, **kwargs)
+    uninterrupted = StepPlan(lengths, **kwargs)
     expected = [uninterrupted.next_step() for _ in range(25)]  # 8 steps per epoch: three epoch boundaries
-    first = StepSampler(lengths, **kwargs)
+    first = StepPlan(lengths, **kwargs)
     taken = [first.next_step() for _ in range(10)]
     state = first.state_dict()
-    resumed = StepSampler(lengths, **kwargs)
+    resumed = StepPlan(lengths, **kwargs)
     resumed.load_state_dict(state)
     assert taken + [resumed.next_step() for _ in range(15)] == expected
     with pytest.raises(ValueError, match="batch_size=6 but this run has 7"):
-        StepSampler(lengths, **{**kwargs, "batch_size": 7}).load_state_dict(state)
+        StepPlan(lengths, **{**kwargs, "batch_size": 7}).load_state_dict(state)
 
 
 def test_unit_over_budget_names_index_length_and_flag():
     with pytest.raises(ValueError, match=r"unit 2 has 900 tokens.*budget 512.*--batch-tokens"):
-        StepSampler([10, 600, 900, 5], batch_size=2, token_budget=512)
+        StepPlan([10, 600, 900, 5], batch_size=2, token_budget=512)
     with pytest.raises(ValueError, match="less than one step"):
-        StepSampler([10, 20], batch_size=3, token_budget=512)
+        StepPlan([10, 20], batch_size=3, token_budget=512)
 
 
 def test_stream_blocks():
@@ -186,8 +192,8 @@ def test_stream_blocks():
         assert batch.doc_index.tolist() == [i] * len(pieces)
         cut = 8 * i + np.cumsum([0] + [len(t) for t, _ in pieces])[1:-1]
         assert set(cut.tolist()) <= starts  # pieces split exactly at document starts
-    sampler = StepSampler(blocks.lengths, batch_size=2, token_budget=16, seed=0, drop_last=False)
-    assert sorted(u for _ in range(sampler.steps_per_epoch) for m in sampler.next_step() for u in m) == [
+    plan = StepPlan(blocks.lengths, batch_size=2, token_budget=16, seed=0, drop_last=False)
+    assert sorted(u for _ in range(plan.steps_per_epoch) for m in plan.next_step() for u in m) == [
         0,
         1,
         2,

@@ -33,7 +33,8 @@ from conftest import QWEN3_TOKENIZER, ROOT, require
 
 import flags
 import train
-from data.datasets import LengthRules, load_pairs
+from data.datasets import load_pairs
+from data.length_rules import LengthRules
 from data.packing import collate
 from data.recipes.openr1 import build
 from data.tokenizer import Tokenizer

@@ -162,7 +162,7 @@ def test_grpo_update_is_the_same_on_two_processes(aggregation, updates):
     assert one.keys() == two.keys()
     for key in one:
         assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), (key, one[key], two[key])
-    if updates == "2":  # off-policy (the sampler's log-probs as π_old): the clip is exercised
+    if updates == "2":  # off-policy (the sampling copy's log-probs as π_old): the clip is exercised
         assert one["clip_high_fraction"] + one["clip_low_fraction"] > 0
     else:  # on-policy: ratio 1, nothing clipped
         assert one["ratio_mean"] == pytest.approx(1.0) and one["clip_high_fraction"] == 0
@@ -172,17 +172,17 @@ def test_schedule_plan_and_flag_helpers():
     import numpy as np
 
     import train
-    from data.packing import StepSampler
+    from data.packing import StepPlan
 
     args = train.parse_args(["--lr", "1", "--warmup", "0.1", "--schedule", "cosine", "--min-lr-ratio", "0.1"])
     f = train.lr_lambda(args, 100)
     assert [f(0), f(9)] == pytest.approx([1 / 11, 10 / 11])  # warm-up: (step + 1) / (warmup + 1)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 45 / 90)))
-    sampler = StepSampler(np.arange(1, 11), batch_size=3, token_budget=100, seed=5)
-    sampler.next_units()
-    planned = sampler.planned_units(5)  # crosses an epoch (3 steps per epoch)
-    assert planned.tolist() == np.concatenate([sampler.next_units() for _ in range(5)]).tolist()
+    plan = StepPlan(np.arange(1, 11), batch_size=3, token_budget=100, seed=5)
+    plan.next_units()
+    planned = plan.planned_units(5)  # crosses an epoch (3 steps per epoch)
+    assert planned.tolist() == np.concatenate([plan.next_units() for _ in range(5)]).tolist()
     from rollouts import rollout_temperature
 
     assert [rollout_temperature(1.0, 0.6, 4, s) for s in (0, 2, 4, 9)] == pytest.approx([1.0, 0.8, 0.6, 0.6])
@@ -352,3 +352,69 @@ def test_bad_models_and_tokenizers_are_one_line_errors(task, tmp_path, capsys):
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
     assert error("--model", str(model)).startswith(f"train.py: {model / 'config.json'}: architectures=")
+
+
+# ---- model settings a run changes: logged with the value each replaces; never lowered ---------------------
+
+
+def test_rope_theta_and_positions_are_raised_never_lowered_and_logged(tmp_path, caplog):
+    """A recipe's rope_theta 300000 under an init trained at 1e6 (Qwen3's) keeps 1e6 and says so."""
+    import train
+    from model import ModelConfig, Transformer
+
+    init = tmp_path / "init"
+    Transformer(ModelConfig.preset("tiny").replace(rope_theta=1e6)).save_pretrained(init)
+    args = train.parse_args(["--recipe", "redi-sft", "--init", str(init)])
+    with caplog.at_level(logging.INFO, logger="train"):
+        config = train.model_config(args)
+    assert (config.rope_theta, config.max_position_embeddings) == (1e6, 32768)
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"{init}: rope_theta: the model's 1e+06 is kept, not lowered to 300000" in lines
+    assert f"{init}: max_position_embeddings: 32768 replaces the model's 1024" in lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        config = train.model_config(train.parse_args(["--model", str(init)]))
+    assert config.rope_theta == 1e6 and not caplog.records  # nothing asked, nothing changed or logged
+
+
+def test_the_chat_template_is_logged_and_the_recipe_papers_one_checked(task, tmp_path, caplog):
+    """--recipe redi-sft with a tokenizer whose template is not Qwen2.5-Math's once trained silently."""
+    import train
+    from data.tokenizer import Tokenizer
+
+    qwen_math = ROOT / "data" / "chat_templates" / "qwen2.5-math.jinja"
+    same = tmp_path / "tokenizer"  # a tokenizer whose own template is Qwen2.5-Math's
+    shutil.copytree(task["tokenizer"], same)
+    shutil.copy(qwen_math, same / "chat_template.jinja")
+
+    def messages(tokenizer, *flags: str) -> list[tuple[int, str]]:
+        args = train.parse_args(["--recipe", "redi-sft", "--model", "tiny", "--tokenizer", str(tokenizer),
+                                 *flags])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train"):
+            train.log_chat_template(args, Tokenizer.from_pretrained(tokenizer, args.chat_template))
+        return [(r.levelno, r.getMessage()) for r in caplog.records]
+
+    other = messages(task["tokenizer"])
+    assert other[0] == (logging.INFO, f"chat template: {task['tokenizer']}'s own")
+    assert other[1][0] == logging.WARNING and other[1][1].startswith(
+        "chat template: the run's writes a conversation unlike qwen2.5-math, which the recipe's paper "
+        f"trained with: --chat-template {qwen_math} trains as it did")
+    assert messages(same) == [(logging.INFO, f"chat template: {same}'s own")]
+    assert messages(task["tokenizer"], "--chat-template", str(qwen_math)) == [
+        (logging.INFO, f"chat template: {qwen_math} replaces {task['tokenizer']}'s own (which writes other "
+                       "text)")]
+
+
+def test_a_run_logs_the_model_settings_it_changes(task, tmp_path, caplog):
+    import train
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(stage_args(task, "sft", out) + ["--max-steps", "1", "--no-export", "--rope-theta", "50000",
+                                                   "--paper-chat-template", "qwen2.5-math"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "tiny: rope_theta: 50000 replaces the model's 10000" in lines
+    assert f"chat template: {task['tokenizer']}'s own" in lines
+    assert any(line.startswith("chat template: the run's writes a conversation unlike qwen2.5-math")
+               for line in lines)
