@@ -6,11 +6,12 @@ each overriding the one before; the objective's own defaults (losses.OBJECTIVES,
 what is still unset. `python train.py --recipe redi --print-config` prints the result as a TOML file that
 --config reads back. A TOML file holds flag values under the flags' names (`batch-size = 32` or
 `batch_size = 32`); an unknown name, or a value of the wrong type, is an error that names the file. The
-embedded default (embedded.py) builds every stage the same way, its stage recipes as the layer between the
-defaults and the flags: `resolve(given_flags(argv), recipe("embedded-sft"))` (a recipe may also be named by
-its path). `--help` shows every flag's default (`HelpFormatter`). The resolved values are then
-checked once (`validate`): each numeric flag against its legal range in LEGAL, and the flags that only make
-sense together; a value out of range is an errors.UserError naming the flag and the range.
+embedded default (the `embedded` package) builds every stage the same way, its stage recipes as the layer
+between the defaults and the flags, and runs it as `train.py --config <stage>/stage.toml` (as_toml's file).
+A recipe may also be named by its path. `--help` shows every flag's default (`HelpFormatter`). The resolved
+values are then checked once (`validate`): each numeric flag against its legal range in LEGAL, and the
+flags that only make sense together; a value out of range is an errors.UserError naming the flag and the
+range.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ ROOT = Path(__file__).resolve().parent
 RECIPES = ROOT / "recipes"
 CHAT_TEMPLATES = ROOT / "data" / "chat_templates"
 DESCRIPTION = "train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo."
+EMBEDDED = ("no --data, --model or --init: the embedded default (python train.py --objective redi | --recipe "
+            "phi-embedded); its own flags (--seeds, --draws, --lr-grid, ...): python -m embedded --help")
 NOT_CONFIG = ("recipe", "config", "print_config", "debug")  # how a run is configured, not what it is
 
 
@@ -58,7 +61,8 @@ def default_text(value) -> str:  # noqa: ANN001 (a flag's default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="train.py", description=DESCRIPTION, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EMBEDDED,
+                       formatter_class=HelpFormatter)
     p.add_argument("--objective", choices=objectives(), default="sft", help="what to optimise (losses/)")
     p.add_argument("--recipe", help=f"a paper's settings: recipes/<name>.toml ({', '.join(recipe_names())}), "
                    "or a recipe file's path")
@@ -77,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--paper-chat-template", choices=sorted(t.stem for t in CHAT_TEMPLATES.glob("*.jinja")),
                    help="the chat template a recipe's paper trained with (data/chat_templates/): a warning "
                    "when the run's renders a conversation otherwise")
-    g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none: the embedded default")
+    g.add_argument("--data", help="training file or dir (jsonl/json/parquet); none (and no --model, --init): "
+                   "the embedded default")
     g.add_argument("--out", type=Path, help="run directory (default: runs/<objective>)")
     g.add_argument("--rope-theta", type=float, help="raise the model's rope_theta to this (never lowered: a "
                    "larger one is kept; either way logged)")
@@ -90,14 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-rule", choices=("truncate", "redi"), default="truncate",
                    help="truncate: --max-prompt-len drops, --truncation cuts at --max-len; redi: the REDI "
                    "authors' filter (drop a prompt over --max-prompt-len or a completion over --max-len "
-                   "minus it, as they counted) and their trainer's cuts (data/datasets.py)")
+                   "minus it, as they counted) and their trainer's cuts (data/length_rules.py)")
     g.add_argument("--completion-end", choices=("im_end", "eos"), default="im_end",
                    help="the loss after an assistant's content: im_end: through the end-of-turn token; eos: "
-                   "the whole rendered turn plus an appended EOS, as REDI's TRL trainers (data/datasets.py)")
+                   "the whole rendered turn plus an appended EOS, as REDI's TRL trainers "
+                   "(data/tokenization.py)")
     g.add_argument("--think-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="start the assistant turn with '<think>\\n' (in the prompt)")
-    g.add_argument("--prompt-suffix", help="text after each RL / eval problem (default: eval.py's rule, the "
-                   "boxed-answer instruction for named benchmarks, nothing for files)")
+    g.add_argument("--prompt-suffix", help="text after each RL / eval problem (default: the boxed-answer "
+                   "instruction for the five benchmarks, by name or as a file named like one, e.g. "
+                   "math500.jsonl; nothing for other files)")
     g.add_argument("--pack", choices=("examples", "stream"), default="examples",
                    help="examples: whole examples per micro-batch; stream: concatenate, cut blocks")
     g.add_argument("--block-len", type=int, default=4096, help="block length in stream mode")
@@ -161,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch-size", type=int, default=256, help="rows decoded at once per rank")
     g = p.add_argument_group("evaluation during training (eval.py's evaluation)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
-    g.add_argument("--eval-data", help="problem/answer JSONL or benchmark name")
+    g.add_argument("--eval-data", help="problem/answer JSONL, or a benchmark name (math500, aime24, amc23, "
+                   "minerva, olympiadbench: read from $NANOREASON_BENCHMARKS/<name>.jsonl where set, else "
+                   "the hub)")
     g.add_argument("--eval-limit", type=int, help="evaluate the first N problems only")
     g.add_argument("--eval-n", type=int, default=1, help="samples per problem")
     g.add_argument("--eval-temperature", type=float, default=0.0, help="eval temperature (0: greedy)")
@@ -180,15 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "refused without it")
     g.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end")
-    g = p.add_argument_group("the embedded default (no --data/--model/--init: embedded.py)")
-    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="train every pair objective from the same SFT weights and compare them")
-    g.add_argument("--seeds", type=int, default=1, help="repeat the pair stages over this many seeds")
-    g.add_argument("--workers", type=int, help="processes training stages side by side, one core each "
-                   "(default: one per core; a stage that runs alone gets every core)")
-    g.add_argument("--lr-grid", type=float, nargs="+",
-                   help="the pair stages' learning rates, each row keeping its best on validation (default: "
-                   "recipes/embedded-pairs.toml; --lr: that one rate)")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
@@ -208,8 +208,8 @@ LEGAL = {
     "updates_per_rollout": ">= 1", "filter_samples": ">= 0", "filter_max_pass": "[0, 1]",
     "filter_min_pass": "[0, 1]", "rollout_batch_size": ">= 1",
     "eval_every": ">= 0", "eval_limit": ">= 1", "eval_n": ">= 1", "eval_temperature": ">= 0",
-    "eval_max_new_tokens": ">= 1", "lr_grid": "> 0",
-    "save_every": ">= 0", "keep_last": ">= 1", "log_every": ">= 1", "seeds": ">= 1",
+    "eval_max_new_tokens": ">= 1",
+    "save_every": ">= 0", "keep_last": ">= 1", "log_every": ">= 1",
 }
 
 
@@ -239,8 +239,8 @@ def objectives() -> tuple[str, ...]:
 
 
 def recipe_names() -> list[str]:
-    """The recipes a user is offered: recipes/*.toml (the embedded default's internal stages excluded)."""
-    return sorted(p.stem for p in RECIPES.glob("*.toml") if not p.stem.startswith("embedded-"))
+    """The recipes a user is offered: recipes/*.toml (the embedded default's stages are embedded/recipes/)."""
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
 
 
 def read_toml(path: Path, parser: argparse.ArgumentParser) -> dict:

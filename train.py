@@ -1,6 +1,6 @@
 """train.py — one FSDP2 training loop for every objective: sft, dpo, simpo, redi, grpo.
 
-    python train.py --objective redi          # the embedded default (embedded.py): no downloads, CPU
+    python train.py --objective redi          # the embedded default (embedded/): no downloads, CPU
     torchrun --nproc_per_node 8 train.py --recipe redi-sft --init Qwen/Qwen2.5-Math-1.5B \\
         --data sft.jsonl --out runs/sft
     torchrun --nproc_per_node 8 train.py --recipe redi --init runs/sft/hf --data pairs.jsonl --out runs/redi
@@ -576,19 +576,23 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """train(the flags), or with no --data, --model and --init (given or in --config) the embedded default,
+    which gets the whole command line (its own flags too: python -m embedded --help)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.print_config:
-        print(flags.as_toml(args), end="")
+    parser = flags.build_parser()
+    known, _ = parser.parse_known_args(argv)  # --help here is train.py's; the demo's flags are its own
+    if known.print_config:
+        print(flags.as_toml(parse_args(argv)), end="")
+        return
+    config = flags.read_toml(known.config, parser) if known.config else {}
+    if not any(getattr(known, k) or config.get(k) for k in ("data", "model", "init")):
+        import embedded.command
+
+        embedded.command.main(argv, prog="train.py")
         return
     try:
-        if args.model is None and args.data is None and args.init is None:
-            import embedded
-
-            embedded.main(argv)
-        else:
-            train(args)
+        train(parse_args(argv))
     finally:
         checkpoint.unlock_all()
         if dist.is_initialized():

@@ -89,26 +89,30 @@ VERIFIER = "math_verify_answer"  # the teacher rows' verifier field: math_reward
 WAYS = ("careful", "direct")  # the ways to solve a problem, in the order stats list them
 PLANS = {"careful": "Step by step.", "direct": "At a glance,"}  # how each way's thinking begins
 NAMES = ("Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Nia", "Omar", "Lena", "Raj")
-STORIES = (  # the start, phrases for + and - (one drawn per change), the question: values stay in 0..9
+STORIES = (  # a name; the start, phrases for + and - (one drawn per change), the question: values in 0..9
     {
+        "name": "lift",
         "start": "A lift is on floor {a}.",
         "+": ("It goes up {b}.", "Then it rises {b}."),
         "-": ("It goes down {b}.", "Then it drops {b}."),
         "question": "Which floor is the lift on now?",
     },
     {
+        "name": "ladder",
         "start": "{name} stands on step {a} of a ladder.",
         "+": ("{name} climbs up {b}.", "Then {name} goes up {b}."),
         "-": ("{name} slips down {b}.", "Then {name} goes down {b}."),
         "question": "Which step is {name} on now?",
     },
     {
+        "name": "eggs",
         "start": "A box holds {a} eggs.",
         "+": ("{name} puts in {b}.", "Then {name} adds {b}."),
         "-": ("{name} takes out {b}.", "Then {name} uses {b}."),
         "question": "How many eggs are in the box now?",
     },
     {
+        "name": "stickers",
         "start": "{name} has {a} stickers.",
         "+": ("{name} gets {b} more.", "Then a friend gives {name} {b}."),
         "-": ("{name} gives away {b}.", "Then {name} loses {b}."),
@@ -314,6 +318,15 @@ def trace_way(completion: str) -> str:
     ("<think>" may be absent, as when the prompt ended with it); "other" when it begins with no known plan."""
     text = completion.lstrip().removeprefix("<think>").lstrip()
     return next((way for way, plan in PLANS.items() if text.startswith(plan)), "other")
+
+
+def story_of(problem: str) -> int:
+    """The index into STORIES of a problem's story, read from its question (the text's last sentence)."""
+    for index, story in enumerate(STORIES):
+        question = re.escape(story["question"]).replace(re.escape("{name}"), r"\w+")
+        if re.search(question + "$", problem):
+            return index
+    raise ValueError(f"not a problem of the synthetic task (no story's question ends it): {problem!r}")
 
 
 def sample_problems(params: TaskParams) -> tuple[list[WordProblem], list[WordProblem], list[WordProblem]]:

@@ -161,12 +161,8 @@ OBJECTIVES: dict[str, Objective] = {
                       linear=grpo_on_policy, reference=lambda hp: hp.kl_beta != 0),
 }
 
-# The names of the pair objectives as the table has them at import (the embedded default's comparison).
-PAIR_OBJECTIVES = {name: o for name, o in OBJECTIVES.items() if o.data == "pairs"}
-
 __all__ = [
     "OBJECTIVES",
-    "PAIR_OBJECTIVES",
     "LossBatch",
     "Objective",
     "PairLogps",

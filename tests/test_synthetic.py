@@ -291,3 +291,12 @@ def test_openr1_recipe_on_teacher_reproduces_the_selection(task, tmp_path):
     assert counts == json.loads(task["stats"].read_text())["counts"]
     assert (tmp_path / "sft.jsonl").read_bytes() == task["sft"].read_bytes()
     assert (tmp_path / "pairs.jsonl").read_bytes() == task["pairs"].read_bytes()
+
+
+def test_story_of_reads_every_problem_s_story(task):
+    """The story of a problem, read back from its text: what the embedded reports break down per story."""
+    teacher = read_jsonl(task["teacher"])
+    assert [synthetic.story_of(row["problem"]) for row in teacher] == [row["story"] for row in teacher]
+    assert {synthetic.story_of(p.problem) for p in load_benchmark(task["test"])} == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="not a problem of the synthetic task"):
+        synthetic.story_of("What is 2 + 2?")
