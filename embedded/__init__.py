@@ -14,7 +14,7 @@ model through the experiment's stages, each as `python train.py --config <out>/<
 evaluates every model on the task's held-out problems. The package, one concept a file:
 
     command.py      the command line (train.py's flags, the demo's own), the task, the experiment, the report
-    stages.py       a stage's settings (defaults ← recipes/*.toml ← the user's flags), as stage.toml
+    stages.py       a stage's settings (defaults ← embedded/recipes/*.toml ← the user's flags), as stage.toml
     runner.py       the stage cache, a stage as its own train.py process, waves of jobs on pinned cores
     grading.py      greedy pass@1 and the way each answer took; a model's own rollout pairs
     comparison.py   the REDI comparison: protocol, task draws, sweep, stability runs (and --objective grpo)
