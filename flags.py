@@ -168,9 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch-size", type=int, default=256, help="rows decoded at once per rank")
     g = p.add_argument_group("evaluation during training (eval.py's evaluation)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: never)")
-    g.add_argument("--eval-data", help="problem/answer JSONL, or a benchmark name (math500, aime24, amc23, "
-                   "minerva, olympiadbench: read from $NANOREASON_BENCHMARKS/<name>.jsonl where set, else "
-                   "the hub)")
+    g.add_argument("--eval-data", help="problem/answer JSONL, or a benchmark name as eval.py --benchmark "
+                   "takes it (read from $NANOREASON_BENCHMARKS/<name>.jsonl where set, else the hub)")
     g.add_argument("--eval-limit", type=int, help="evaluate the first N problems only")
     g.add_argument("--eval-n", type=int, default=1, help="samples per problem")
     g.add_argument("--eval-temperature", type=float, default=0.0, help="eval temperature (0: greedy)")

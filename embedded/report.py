@@ -28,11 +28,6 @@ COLLAPSE = 0.5  # a run collapses when its validation pass@1 falls below this sh
 FULL_COMMAND = "python train.py --objective redi --full"
 
 
-def metrics(path: Path) -> list[dict]:
-    """A stage's metrics.jsonl rows (metrics.read_rows: a torn last line dropped, a damaged one named)."""
-    return read_rows(path)
-
-
 def ways_cells(r: dict) -> tuple[str, str]:
     """A row's share of direct answers and each way's failure rate."""
     ways = r["ways"]
@@ -154,7 +149,7 @@ def stability_summary(runs: dict[str, dict[str, Path]]) -> dict:
     for row, by_lr in runs.items():
         out[row] = {}
         for lr, path in by_lr.items():
-            rows = metrics(path)
+            rows = read_rows(path)
             val = [[r["step"], r["eval_pass@1"]] for r in rows if "eval_pass@1" in r]
             logps = [r for r in rows if "chosen_logp" in r]
             start = val[0][1]
@@ -213,7 +208,7 @@ def curve_plot(runs: dict[str, Path], path: Path, curves: dict[str, str], xlabel
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     right = ax.twinx() if log_key else None
     for color, (name, source) in enumerate(runs.items()):
-        rows = metrics(source)
+        rows = read_rows(source)
         for style, (key, label) in zip(("-", "--", ":"), curves.items(), strict=False):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:  # none: e.g. no evaluation (--eval-every 0)
@@ -240,7 +235,7 @@ def dynamics_plot(chosen: dict, labels: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
     for row, (lr, source) in chosen.items():
-        points = [p for p in metrics(source) if "chosen_logp" in p]
+        points = [p for p in read_rows(source) if "chosen_logp" in p]
         for ax, key in zip(axes, LOGP_TITLES, strict=True):
             ax.plot([p["step"] for p in points], [p[key] for p in points], label=f"{labels[row]} (lr {lr:g})")
     for ax, title in zip(axes, LOGP_TITLES.values(), strict=True):
@@ -259,7 +254,7 @@ def stability_plot(runs: dict[str, dict[str, Path]], labels: dict, path: Path) -
     fig, axes = plt.subplots(3, len(runs), figsize=(3.1 * len(runs), 7.5), sharex=True, squeeze=False)
     for col, (row, by_lr) in enumerate(runs.items()):
         for color, (lr, source) in enumerate(by_lr.items()):
-            rows = metrics(source)
+            rows = read_rows(source)
             val = [(r["step"], r["eval_pass@1"]) for r in rows if "eval_pass@1" in r]
             axes[0, col].plot(*zip(*val, strict=True), "o-", color=f"C{color}", markersize=3,
                               label=f"lr {lr}")
